@@ -1,0 +1,141 @@
+/*
+ * core.h - the server's internal structures, shared by loop.c, pool.c,
+ * reply.c, listen.c, signals.c and server.c.
+ *
+ * Ownership is the whole concurrency story.  A connection belongs to the I/O
+ * thread, except while a task for it is in flight: then the worker holding the
+ * task owns the connection's task buffer, its output buffer and the write side
+ * of its fd, and the I/O thread touches none of them (nor closes the fd) until
+ * the worker hands the connection back through the completion stack.  At most
+ * one task per connection is in flight, which also keeps replies in order.
+ */
+#ifndef PP_CORE_H
+#define PP_CORE_H
+
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "buffer.h"
+#include "framing.h"
+#include "pool.h"
+#include "pp_server.h"
+
+typedef struct pp_server pp_server;
+
+/* Connection flags, all owned by the I/O thread. */
+enum {
+    PP_C_IN_FLIGHT = 1 << 0,   /* a task for it is queued or running */
+    PP_C_EOF = 1 << 1,         /* the peer shut its write side */
+    PP_C_CLOSE = 1 << 2,       /* close once nothing is in flight and out is sent */
+    PP_C_BROKEN = 1 << 3,      /* close as soon as nothing is in flight */
+    PP_C_LINGER = 1 << 4,      /* our write side is shut; discarding input */
+    PP_C_BAD_FRAME = 1 << 5,   /* input has a frame we refuse; read no more */
+    PP_C_QUIET = 1 << 6,       /* draining: the last read found nothing new */
+    PP_C_GOODBYE = 1 << 7,     /* draining: shutdown message queued */
+    PP_C_READY = 1 << 8,       /* on the ready list, waiting for queue room */
+};
+
+typedef struct pp_conn {
+    pp_task task_link;          /* first: the pool's queue link */
+    /* I/O thread. */
+    int fd;
+    unsigned flags;
+    uint32_t slot;              /* index in the poll arrays */
+    uint64_t id;
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+    pp_buf in;                  /* read, not yet handed to a worker */
+    size_t in_framed;           /* bytes at the start of in that are whole frames */
+    size_t in_scanned;          /* framer hint for the partial frame after them */
+    int64_t linger_deadline;    /* ms, CLOCK_MONOTONIC */
+    struct pp_conn *next_ready;
+
+    /* Owner of the task: the worker while in flight, else the I/O thread. */
+    pp_buf task;                /* whole frames of the current task */
+    pp_buf out;                 /* framed replies not yet sent */
+    int status;                 /* PP_KEEP, PP_CLOSE or < 0: outcome of the task */
+    int send_error;             /* errno of a failed send(), 0 if none */
+
+    /* Completion stack link, written by the worker before it publishes. */
+    struct pp_conn *next_done;
+} pp_conn;
+
+/* I/O-thread counters: one writer (the I/O thread). */
+typedef struct pp_iostats {
+    _Atomic uint64_t accepted, closed, bytes_in, bytes_out, oversize_frames;
+    _Atomic uint64_t accept_errors, read_errors, write_errors, accept_paused;
+    _Atomic uint64_t forced_closes, nomem_errors;
+} pp_iostats;
+
+struct pp_server {
+    pp_config cfg;
+    pp_framing framing;
+    unsigned char *shutdown_msg;
+    size_t in_limit;            /* stop reading a connection holding this much */
+
+    int listen_fd[PP_MAX_LISTENERS];
+    int nlisten;
+    int wake_rd, wake_wr;       /* eventfd (same fd twice) or self-pipe */
+
+    /* I/O thread. */
+    struct pollfd *pfds;        /* [0] wake-up, [1..nlisten] listeners, then conns */
+    pp_conn **conns;            /* parallel to pfds; NULL for the first ones */
+    size_t npfds, cap_pfds;
+    size_t nconns;
+    uint64_t next_id;
+    pp_conn *ready_head, *ready_tail; /* complete messages, waiting for queue room */
+    pp_task *batch_head, *batch_tail; /* tasks to push at the end of this round */
+    size_t batch_n;
+    int accept_paused;          /* listeners not polled: EMFILE or max_connections */
+    int64_t accept_retry_at;    /* ms; when to try again after EMFILE, 0 = none */
+    int draining;
+    int64_t drain_deadline;     /* ms */
+    int forcing;
+    int64_t force_deadline;     /* ms: how long to wait for tasks in flight */
+    size_t nlinger;
+    int64_t linger_check_at;    /* ms: next scan for expired lingering closes */
+    pp_iostats stats;
+
+    /* Shared between threads. */
+    _Atomic(pp_conn *) done;    /* completion stack, pushed by workers */
+    atomic_int io_armed;        /* the I/O thread may be asleep in poll() */
+    atomic_int stop_level;      /* 0 running, 1 graceful, 2 force */
+    atomic_int finished;        /* loop returned */
+    atomic_int forced;          /* last run ended by force or timeout */
+    atomic_int running;         /* the loop was entered */
+    atomic_int_fast64_t active; /* open connections */
+
+    pthread_t io_thread;
+    int io_thread_started;
+
+    pp_pool pool;
+};
+
+/* loop.c */
+int pp__loop_run(pp_server *srv);
+/* Called by a worker when it is done with c's task: hands c back. */
+void pp__loop_complete(pp_server *srv, pp_conn *c);
+/* Wakes the I/O thread; async-signal-safe. */
+void pp__loop_wake(pp_server *srv);
+
+/* reply.c */
+/* Runs the handler on every message of c's task; called by the worker that
+ * owns the task. */
+void pp__task_run(void *srv, pp_worker *w, pp_task *t);
+/* Sends as much of c's output as the socket takes now.  Returns 0 (all sent
+ * or EAGAIN) or -errno.  Called by the owner of c's output. */
+int pp__conn_flush(pp_conn *c, uint64_t *sent);
+
+/* listen.c */
+int pp__listen(pp_server *srv);
+void pp__listen_close(pp_server *srv);
+
+/* server.c */
+void pp__server_destroy(pp_server *srv);
+
+int64_t pp__now_ms(void);
+
+#endif

@@ -1,0 +1,721 @@
+/*
+ * loop.c - the poll() I/O thread.
+ *
+ * One thread owns the listening sockets, every connection's input side and
+ * the poll arrays.  It reads, cuts frames, hands whole frames to the pool as
+ * one task per connection, flushes output the workers could not send, and
+ * closes connections.  It never runs a handler and never blocks outside
+ * poll().  Workers hand connections back through a lock-free completion
+ * stack; the I/O thread is woken through one fd, and only when it may really
+ * be asleep, so a busy loop costs no wake-up syscalls at all.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core.h"
+
+#define PP_READ_CHUNK 16384
+#define PP_KEEP_BUF (64 * 1024)     /* buffers above this are freed when empty */
+#define PP_LINGER_MS 2000           /* how long a closing peer may keep sending */
+#define PP_ACCEPT_RETRY_MS 100      /* pause after EMFILE/ENFILE/ENOMEM */
+#define PP_FORCE_GRACE_MS 200       /* tasks in flight get this long after force */
+#define PP_FIRST_CONN_SLOT(srv) (1 + (size_t)(srv)->nlisten)
+
+int64_t pp__now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- wake-ups ----------------------------------------------------------- */
+
+void pp__loop_wake(pp_server *srv)
+{
+    /* write() is async-signal-safe; EAGAIN means a wake-up is already pending. */
+#ifdef __linux__
+    uint64_t one = 1;
+    ssize_t rc;
+    do
+        rc = write(srv->wake_wr, &one, sizeof one);
+    while (rc < 0 && errno == EINTR);
+#else
+    char one = 1;
+    ssize_t rc;
+    do
+        rc = write(srv->wake_wr, &one, 1);
+    while (rc < 0 && errno == EINTR);
+#endif
+}
+
+static void drain_wake_fd(pp_server *srv)
+{
+    unsigned char junk[64];
+    while (read(srv->wake_rd, junk, sizeof junk) > 0 || errno == EINTR)
+        ;
+}
+
+void pp__loop_complete(pp_server *srv, pp_conn *c)
+{
+    pp_conn *head = atomic_load_explicit(&srv->done, memory_order_relaxed);
+    do
+        c->next_done = head;
+    while (!atomic_compare_exchange_weak(&srv->done, &head, c));
+    /* Only the first completion after the I/O thread armed itself writes to
+     * the wake fd: completions that find it awake, or already woken, cost
+     * nothing.  Pairs with the store/load in pp__loop_run (both seq_cst). */
+    if (atomic_exchange(&srv->io_armed, 0))
+        pp__loop_wake(srv);
+}
+
+/* ---- poll slots --------------------------------------------------------- */
+
+static int slot_add(pp_server *srv, pp_conn *c)
+{
+    if (srv->npfds == srv->cap_pfds) {
+        size_t cap = srv->cap_pfds ? srv->cap_pfds * 2 : 64;
+        struct pollfd *p = realloc(srv->pfds, cap * sizeof *p);
+        if (p == NULL)
+            return -ENOMEM;
+        srv->pfds = p;
+        pp_conn **cs = realloc(srv->conns, cap * sizeof *cs);
+        if (cs == NULL)
+            return -ENOMEM;
+        srv->conns = cs;
+        srv->cap_pfds = cap;
+    }
+    size_t i = srv->npfds++;
+    srv->pfds[i] = (struct pollfd){.fd = c->fd, .events = POLLIN, .revents = 0};
+    srv->conns[i] = c;
+    c->slot = (uint32_t)i;
+    return 0;
+}
+
+/* Moves the last slot into the freed one.  The caller walks the slots from the
+ * top down, so the moved slot has already been handled this round. */
+static void slot_remove(pp_server *srv, size_t i)
+{
+    size_t last = --srv->npfds;
+    if (i != last) {
+        srv->pfds[i] = srv->pfds[last];
+        srv->conns[i] = srv->conns[last];
+        srv->conns[i]->slot = (uint32_t)i;
+    }
+    srv->conns[last] = NULL;
+}
+
+/* ---- accepting ---------------------------------------------------------- */
+
+static void accept_pause(pp_server *srv, int64_t retry_at)
+{
+    if (!srv->accept_paused)
+        pp__stat_add(&srv->stats.accept_paused, 1);
+    srv->accept_paused = 1;
+    srv->accept_retry_at = retry_at;
+    for (int i = 0; i < srv->nlisten; i++)
+        srv->pfds[1 + i].fd = -1;
+}
+
+static void accept_resume(pp_server *srv)
+{
+    if (!srv->accept_paused || srv->draining)
+        return;
+    srv->accept_paused = 0;
+    srv->accept_retry_at = 0;
+    for (int i = 0; i < srv->nlisten; i++)
+        srv->pfds[1 + i].fd = srv->listen_fd[i];
+}
+
+static void do_accept(pp_server *srv, int lfd)
+{
+    for (;;) {
+        size_t max = srv->cfg.max_connections;
+        if (max && srv->nconns >= max) {
+            /* Resumed by the next close; the backlog holds the rest. */
+            accept_pause(srv, 0);
+            return;
+        }
+        pp_conn *c = NULL;
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        int fd = accept4(lfd, (struct sockaddr *)&ss, &sl,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            switch (errno) {
+            case EINTR:
+            case ECONNABORTED:
+            case EPROTO:
+                continue;
+            case EAGAIN:
+#if EAGAIN != EWOULDBLOCK
+            case EWOULDBLOCK:
+#endif
+                return;
+            case EMFILE:
+            case ENFILE:
+            case ENOBUFS:
+            case ENOMEM:
+                /* The pending connection stays in the backlog and the
+                 * listener stays readable: polling it now would spin. */
+                pp__stat_add(&srv->stats.accept_errors, 1);
+                accept_pause(srv, pp__now_ms() + PP_ACCEPT_RETRY_MS);
+                return;
+            default:
+                pp__stat_add(&srv->stats.accept_errors, 1);
+                return;
+            }
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        c = calloc(1, sizeof *c);
+        if (c == NULL || slot_add(srv, c) < 0) {
+            free(c);
+            close(fd);
+            pp__stat_add(&srv->stats.nomem_errors, 1);
+            accept_pause(srv, pp__now_ms() + PP_ACCEPT_RETRY_MS);
+            return;
+        }
+        c->fd = fd;
+        srv->pfds[c->slot].fd = fd;
+        c->id = ++srv->next_id;
+        memcpy(&c->peer, &ss, sl);
+        c->peer_len = sl;
+        srv->nconns++;
+        atomic_fetch_add(&srv->active, 1);
+        pp__stat_add(&srv->stats.accepted, 1);
+    }
+}
+
+/* ---- connection state --------------------------------------------------- */
+
+static int conn_can_read(const pp_server *srv, const pp_conn *c)
+{
+    if (c->flags & PP_C_LINGER)
+        return 1;
+    if (c->flags & (PP_C_EOF | PP_C_CLOSE | PP_C_BROKEN | PP_C_BAD_FRAME))
+        return 0;
+    /* Output piling up behind a peer that does not read stops its input; the
+     * output size is ours to look at only while no task is in flight. */
+    if (!(c->flags & PP_C_IN_FLIGHT) &&
+        pp__buf_size(&c->out) > srv->cfg.output_high_water)
+        return 0;
+    return pp__buf_size(&c->in) < srv->in_limit;
+}
+
+static void conn_update(pp_server *srv, pp_conn *c)
+{
+    short ev = 0;
+    if (conn_can_read(srv, c))
+        ev |= POLLIN;
+    if (!(c->flags & PP_C_IN_FLIGHT) && pp__buf_size(&c->out) > 0)
+        ev |= POLLOUT;
+    struct pollfd *p = &srv->pfds[c->slot];
+    p->events = ev;
+    /* A negative fd makes poll() skip the slot entirely: with events 0 it
+     * would still report POLLHUP/POLLERR on every call and the loop would
+     * spin while a task is in flight. */
+    p->fd = ev ? c->fd : -1;
+}
+
+static void ready_unlink(pp_server *srv, pp_conn *c)
+{
+    pp_conn **pp = &srv->ready_head;
+    pp_conn *prev = NULL;
+    while (*pp != c) {
+        prev = *pp;
+        pp = &(*pp)->next_ready;
+    }
+    *pp = c->next_ready;
+    if (srv->ready_tail == c)
+        srv->ready_tail = prev;
+    c->next_ready = NULL;
+    c->flags &= ~PP_C_READY;
+}
+
+static void conn_free(pp_conn *c)
+{
+    pp__buf_free(&c->in);
+    pp__buf_free(&c->task);
+    pp__buf_free(&c->out);
+    free(c);
+}
+
+/* Closes c now.  Only while no task is in flight: a worker may still be
+ * sending on the fd, and a closed fd number can be reused by the next
+ * accept() at once. */
+static void conn_close(pp_server *srv, pp_conn *c)
+{
+    if (c->flags & PP_C_IN_FLIGHT)
+        abort();
+    if (c->flags & PP_C_READY)
+        ready_unlink(srv, c);
+    if (c->flags & PP_C_LINGER)
+        srv->nlinger--;
+    slot_remove(srv, c->slot);
+    close(c->fd);
+    conn_free(c);
+    srv->nconns--;
+    atomic_fetch_sub(&srv->active, 1);
+    pp__stat_add(&srv->stats.closed, 1);
+    if (srv->accept_paused && srv->accept_retry_at == 0)
+        accept_resume(srv);
+}
+
+/* Shuts our write side and reads until the peer closes.  Closing at once
+ * while the peer still sends would answer with RST, and an RST may destroy
+ * replies the peer has not read yet. */
+static void conn_linger(pp_server *srv, pp_conn *c)
+{
+    if (shutdown(c->fd, SHUT_WR) < 0) {
+        conn_close(srv, c);
+        return;
+    }
+    c->flags |= PP_C_LINGER;
+    int64_t until = pp__now_ms() + PP_LINGER_MS;
+    if (srv->draining && srv->drain_deadline < until)
+        until = srv->drain_deadline;
+    c->linger_deadline = until;
+    srv->nlinger++;
+    if (srv->linger_check_at == 0 || until < srv->linger_check_at)
+        srv->linger_check_at = until;
+    pp__buf_reset(&c->in, 0);
+    conn_update(srv, c);
+}
+
+/* Finds the whole frames after those already found. */
+static void conn_scan(pp_server *srv, pp_conn *c)
+{
+    const unsigned char *p = pp__buf_begin(&c->in);
+    size_t len = pp__buf_size(&c->in);
+    while (c->in_framed < len) {
+        pp_frame fr;
+        int rc = pp__frame_next(&srv->framing, p + c->in_framed,
+                                len - c->in_framed, &c->in_scanned, &fr);
+        if (rc == 1) {
+            c->in_framed += fr.frame_len;
+            continue;
+        }
+        if (rc < 0) {
+            /* Frames before the bad one are still answered; then we close. */
+            pp__stat_add(&srv->stats.oversize_frames, 1);
+            c->flags |= PP_C_BAD_FRAME;
+        }
+        break;
+    }
+}
+
+/* Reads what the socket has, up to the input limit. */
+static void conn_read(pp_server *srv, pp_conn *c)
+{
+    if (c->flags & PP_C_LINGER) {
+        unsigned char junk[PP_READ_CHUNK];
+        for (;;) {
+            ssize_t n = recv(c->fd, junk, sizeof junk, 0);
+            if (n > 0)
+                continue;
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                return;
+            c->flags |= PP_C_BROKEN; /* EOF or error: done lingering */
+            return;
+        }
+    }
+    while (conn_can_read(srv, c)) {
+        if (pp__buf_reserve(&c->in, PP_READ_CHUNK) < 0) {
+            pp__stat_add(&srv->stats.nomem_errors, 1);
+            c->flags |= PP_C_BROKEN;
+            return;
+        }
+        size_t room = c->in.cap - c->in.len;
+        ssize_t n = recv(c->fd, c->in.data + c->in.len, room, 0);
+        if (n > 0) {
+            c->in.len += (size_t)n;
+            c->flags &= ~PP_C_QUIET;
+            pp__stat_add(&srv->stats.bytes_in, (uint64_t)n);
+            /* A short read almost always means the socket is empty; the next
+             * poll() tells for sure without a recv() that returns EAGAIN.
+             * While draining, only EAGAIN counts as quiet. */
+            if ((size_t)n < room && !srv->draining)
+                break;
+            continue;
+        }
+        if (n == 0) {
+            c->flags |= PP_C_EOF;
+            break;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->flags |= PP_C_QUIET;
+            break;
+        }
+        pp__stat_add(&srv->stats.read_errors, 1);
+        c->flags |= PP_C_BROKEN;
+        return;
+    }
+    conn_scan(srv, c);
+}
+
+/* Hands c's whole frames to a worker: the input buffer becomes the task
+ * buffer, and only the partial frame after them is copied back, so whole
+ * messages are never copied on their way to the handler. */
+static void conn_dispatch(pp_server *srv, pp_conn *c)
+{
+    if (pp__pool_queued(&srv->pool) + srv->batch_n >= srv->cfg.queue_size) {
+        /* A full queue stops this connection, never drops its messages. */
+        if (!(c->flags & PP_C_READY)) {
+            c->flags |= PP_C_READY;
+            c->next_ready = NULL;
+            if (srv->ready_tail)
+                srv->ready_tail->next_ready = c;
+            else
+                srv->ready_head = c;
+            srv->ready_tail = c;
+        }
+        return;
+    }
+    pp_buf whole = c->in;
+    size_t tail = pp__buf_size(&whole) - c->in_framed;
+    c->in = c->task;
+    c->in.off = c->in.len = 0;
+    if (tail && pp__buf_append(&c->in, pp__buf_begin(&whole) + c->in_framed,
+                               tail) < 0) {
+        c->task = c->in;
+        c->in = whole;
+        pp__stat_add(&srv->stats.nomem_errors, 1);
+        c->flags |= PP_C_BROKEN;
+        return;
+    }
+    whole.len = whole.off + c->in_framed;
+    c->task = whole;
+    c->in_framed = 0;
+    c->status = PP_KEEP;
+    c->send_error = 0;
+    c->flags |= PP_C_IN_FLIGHT;
+    c->task_link.next = NULL;
+    if (srv->batch_tail)
+        srv->batch_tail->next = &c->task_link;
+    else
+        srv->batch_head = &c->task_link;
+    srv->batch_tail = &c->task_link;
+    srv->batch_n++;
+}
+
+/* Queues the shutdown message and marks c to close once it is sent. */
+static void conn_goodbye(pp_server *srv, pp_conn *c)
+{
+    c->flags |= PP_C_GOODBYE | PP_C_CLOSE;
+    if (srv->shutdown_msg == NULL)
+        return;
+    if (pp__frame_append(&srv->framing, &c->out, srv->shutdown_msg,
+                         srv->cfg.shutdown_message_len) < 0) {
+        pp__stat_add(&srv->stats.nomem_errors, 1);
+        return;
+    }
+}
+
+static void conn_flush(pp_server *srv, pp_conn *c)
+{
+    uint64_t sent = 0;
+    int rc = pp__conn_flush(c, &sent);
+    pp__stat_add(&srv->stats.bytes_out, sent);
+    if (rc < 0) {
+        pp__stat_add(&srv->stats.write_errors, 1);
+        c->flags |= PP_C_BROKEN;
+    } else if (pp__buf_size(&c->out) == 0) {
+        pp__buf_reset(&c->out, PP_KEEP_BUF);
+    }
+}
+
+/* Decides what c needs next, after anything happened to it.  The one place
+ * where a connection moves between reading, working, flushing and closing. */
+static void conn_progress(pp_server *srv, pp_conn *c)
+{
+    if (c->flags & PP_C_IN_FLIGHT) {
+        conn_update(srv, c);
+        return;
+    }
+    if (c->flags & PP_C_BROKEN) {
+        conn_close(srv, c);
+        return;
+    }
+    if (c->flags & PP_C_LINGER) {
+        conn_update(srv, c);
+        return;
+    }
+    if (!(c->flags & PP_C_CLOSE) && c->in_framed > 0) {
+        conn_dispatch(srv, c);
+        if (c->flags & PP_C_BROKEN) {
+            conn_close(srv, c);
+            return;
+        }
+        if (c->flags & (PP_C_IN_FLIGHT | PP_C_READY)) {
+            conn_update(srv, c);
+            return;
+        }
+    }
+    if (srv->draining && !(c->flags & PP_C_CLOSE)) {
+        /* Answer everything the peer sent before the stop: read until the
+         * socket is empty once, then say goodbye. */
+        if (!(c->flags & (PP_C_QUIET | PP_C_EOF | PP_C_BAD_FRAME)) &&
+            conn_can_read(srv, c)) {
+            conn_read(srv, c);
+            /* The read left c quiet, at EOF, broken or unable to read more,
+             * so this recursion goes one level deep at most. */
+            conn_progress(srv, c);
+            return;
+        }
+        if ((c->flags & (PP_C_QUIET | PP_C_EOF | PP_C_BAD_FRAME)) &&
+            c->in_framed == 0) {
+            conn_goodbye(srv, c);
+            conn_flush(srv, c);
+            if (c->flags & PP_C_BROKEN) {
+                conn_close(srv, c);
+                return;
+            }
+        }
+    }
+    if (pp__buf_size(&c->out) == 0 && c->in_framed == 0 &&
+        (c->flags & (PP_C_CLOSE | PP_C_EOF | PP_C_BAD_FRAME))) {
+        if (c->flags & PP_C_EOF)
+            conn_close(srv, c);
+        else
+            conn_linger(srv, c);
+        return;
+    }
+    conn_update(srv, c);
+}
+
+static void on_complete(pp_server *srv, pp_conn *c)
+{
+    c->flags &= ~PP_C_IN_FLIGHT;
+    pp__buf_reset(&c->task, PP_KEEP_BUF);
+    if (c->send_error)
+        c->flags |= PP_C_BROKEN;
+    else if (c->status != PP_KEEP)
+        c->flags |= PP_C_CLOSE; /* PP_CLOSE or an error: send what is there */
+    if (srv->forcing)
+        c->flags |= PP_C_BROKEN;
+    if (pp__buf_size(&c->out) == 0)
+        pp__buf_reset(&c->out, PP_KEEP_BUF);
+    conn_progress(srv, c);
+}
+
+static void take_completions(pp_server *srv)
+{
+    pp_conn *list = atomic_exchange(&srv->done, NULL);
+    /* Reverse the stack so connections are handled in completion order. */
+    pp_conn *fifo = NULL;
+    while (list) {
+        pp_conn *next = list->next_done;
+        list->next_done = fifo;
+        fifo = list;
+        list = next;
+    }
+    while (fifo) {
+        pp_conn *next = fifo->next_done;
+        fifo->next_done = NULL;
+        on_complete(srv, fifo);
+        fifo = next;
+    }
+}
+
+static void dispatch_ready(pp_server *srv)
+{
+    while (srv->ready_head &&
+           pp__pool_queued(&srv->pool) + srv->batch_n < srv->cfg.queue_size) {
+        pp_conn *c = srv->ready_head;
+        ready_unlink(srv, c);
+        conn_progress(srv, c);
+    }
+}
+
+static void push_batch(pp_server *srv)
+{
+    if (srv->batch_n == 0)
+        return;
+    pp__pool_push(&srv->pool, srv->batch_head, srv->batch_tail, srv->batch_n);
+    srv->batch_head = srv->batch_tail = NULL;
+    srv->batch_n = 0;
+}
+
+/* ---- timers and shutdown ------------------------------------------------ */
+
+static void expire_lingers(pp_server *srv, int64_t now)
+{
+    if (srv->nlinger == 0) {
+        srv->linger_check_at = 0;
+        return;
+    }
+    if (now < srv->linger_check_at)
+        return;
+    int64_t next = 0;
+    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);) {
+        pp_conn *c = srv->conns[i];
+        if (!(c->flags & PP_C_LINGER))
+            continue;
+        if (c->linger_deadline <= now) {
+            conn_close(srv, c);
+            continue;
+        }
+        if (next == 0 || c->linger_deadline < next)
+            next = c->linger_deadline;
+    }
+    srv->linger_check_at = next;
+}
+
+static void begin_drain(pp_server *srv)
+{
+    srv->draining = 1;
+    srv->drain_deadline = pp__now_ms() + (int64_t)(srv->cfg.drain_timeout * 1000.0);
+    /* No new connections from here on. */
+    for (int i = 0; i < srv->nlisten; i++)
+        srv->pfds[1 + i].fd = -1;
+    pp__listen_close(srv);
+    srv->accept_paused = 1;
+    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);)
+        conn_progress(srv, srv->conns[i]);
+}
+
+/* Cuts every connection.  A connection whose task is still in flight only
+ * gets shut down: its fd stays open until the worker hands it back. */
+static void begin_force(pp_server *srv)
+{
+    srv->forcing = 1;
+    atomic_store(&srv->forced, 1);
+    srv->force_deadline = pp__now_ms() + PP_FORCE_GRACE_MS;
+    if (!srv->draining) {
+        for (int i = 0; i < srv->nlisten; i++)
+            srv->pfds[1 + i].fd = -1;
+        pp__listen_close(srv);
+        srv->draining = 1;
+    }
+    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);) {
+        pp_conn *c = srv->conns[i];
+        pp__stat_add(&srv->stats.forced_closes, 1);
+        if (c->flags & PP_C_IN_FLIGHT) {
+            shutdown(c->fd, SHUT_RDWR);
+            c->flags |= PP_C_BROKEN;
+            conn_update(srv, c);
+        } else {
+            conn_close(srv, c);
+        }
+    }
+}
+
+static int poll_timeout(pp_server *srv, int64_t now)
+{
+    int64_t until = -1;
+#define PP_SOONER(t) do { if ((t) > 0 && (until < 0 || (t) < until)) until = (t); } while (0)
+    if (srv->forcing)
+        PP_SOONER(srv->force_deadline);
+    else if (srv->draining)
+        PP_SOONER(srv->drain_deadline);
+    PP_SOONER(srv->accept_retry_at);
+    PP_SOONER(srv->linger_check_at);
+#undef PP_SOONER
+    if (until < 0)
+        return -1;
+    if (until <= now)
+        return 0;
+    return until - now > 60000 ? 60000 : (int)(until - now);
+}
+
+/* ---- the loop ----------------------------------------------------------- */
+
+int pp__loop_run(pp_server *srv)
+{
+    int rc = 0;
+    for (;;) {
+        int level = atomic_load(&srv->stop_level);
+        if (level >= 1 && !srv->draining)
+            begin_drain(srv);
+        if (level >= 2 && !srv->forcing)
+            begin_force(srv);
+        if (srv->draining && srv->nconns == 0)
+            break;
+
+        int64_t now = pp__now_ms();
+        if (srv->forcing && now >= srv->force_deadline)
+            break;
+        if (srv->draining && !srv->forcing && now >= srv->drain_deadline) {
+            /* Peers that got everything but keep their side open are not a
+             * failed drain; anything else still open is cut. */
+            srv->linger_check_at = now;
+            expire_lingers(srv, now);
+            if (srv->nconns > 0)
+                begin_force(srv);
+            continue;
+        }
+        if (srv->accept_retry_at && now >= srv->accept_retry_at)
+            accept_resume(srv);
+        expire_lingers(srv, now);
+
+        int timeout = poll_timeout(srv, now);
+        /* Announce the sleep, then look once more: a completion pushed before
+         * the announcement is seen here, one pushed after it writes the fd. */
+        atomic_store(&srv->io_armed, 1);
+        if (atomic_load(&srv->done) != NULL ||
+            atomic_load(&srv->stop_level) != level)
+            timeout = 0;
+        int n = poll(srv->pfds, srv->npfds, timeout);
+        atomic_store(&srv->io_armed, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == ENOMEM) {
+                struct timespec ts = {0, 10 * 1000000L};
+                nanosleep(&ts, NULL);
+                continue;
+            }
+            rc = -errno;
+            break;
+        }
+
+        if (srv->pfds[0].revents)
+            drain_wake_fd(srv);
+        take_completions(srv);
+
+        size_t first = PP_FIRST_CONN_SLOT(srv);
+        for (size_t i = srv->npfds; i-- > first;) {
+            struct pollfd *p = &srv->pfds[i];
+            if (p->revents == 0)
+                continue;
+            pp_conn *c = srv->conns[i];
+            short re = p->revents;
+            p->revents = 0;
+            if (re & POLLNVAL)
+                abort(); /* a connection's fd was closed behind our back */
+            if (re & POLLOUT)
+                conn_flush(srv, c);
+            /* Every reported event leads to a syscall that either makes
+             * progress or fails and breaks the connection: nothing spins. */
+            if ((re & (POLLIN | POLLHUP | POLLERR)) && !(c->flags & PP_C_BROKEN)) {
+                if (conn_can_read(srv, c))
+                    conn_read(srv, c);
+                else if (re & (POLLERR | POLLHUP))
+                    c->flags |= PP_C_BROKEN;
+            }
+            conn_progress(srv, c);
+        }
+        for (int i = 0; i < srv->nlisten; i++) {
+            if (srv->pfds[1 + i].revents & POLLIN)
+                do_accept(srv, srv->listen_fd[i]);
+            srv->pfds[1 + i].revents = 0;
+        }
+        dispatch_ready(srv);
+        push_batch(srv);
+    }
+    push_batch(srv);
+    return rc;
+}

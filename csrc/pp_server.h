@@ -1,0 +1,144 @@
+/*
+ * pp_server.h - the C entry points of the pollpool server core.
+ *
+ * This is what the Python glue and the C test drivers use.  It needs no
+ * Python.  Every function returns 0 on success and -errno on failure unless it
+ * says otherwise.
+ */
+#ifndef PP_SERVER_H
+#define PP_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pollpool.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { PP_FRAMING_RAW = 0, PP_FRAMING_LINE = 1, PP_FRAMING_LENGTH = 2 };
+
+#define PP_MAX_DELIMITER 16
+#define PP_MAX_LISTENERS 8
+
+/* One message of a batch: valid only during the batch call. */
+typedef struct pp_msg {
+    const unsigned char *data;
+    size_t len;
+} pp_msg;
+
+/* A batch handler gets every message a task holds for one connection at once,
+ * so a caller that must take a lock per call (the Python GIL) takes it once per
+ * batch.  It replies with pp_reply_send() and returns PP_KEEP after handling
+ * all n messages, or PP_CLOSE / a negative error after the message that asked
+ * for it; messages after that one are not handled. */
+typedef int (*pp_batch_fn)(void *ctx, pp_reply *reply, const pp_msg *msgs,
+                           size_t n);
+
+typedef struct pp_config {
+    const char *host;           /* numeric or resolvable; NULL or "" = all IPv4 */
+    int port;                   /* 0 = ephemeral */
+    int backlog;                /* listen() backlog; <= 0 means 1024 */
+    int threads;                /* worker threads, >= 1 */
+    size_t queue_size;          /* tasks waiting for a worker; 0 = 4096 */
+    int framing;                /* PP_FRAMING_* */
+    unsigned char delimiter[PP_MAX_DELIMITER];
+    size_t delimiter_len;       /* line framing: 1..PP_MAX_DELIMITER */
+    int header_bytes;           /* length framing: 1, 2, 4 or 8 */
+    size_t max_message_size;    /* larger frames close their connection */
+    size_t max_connections;     /* 0 = no limit beyond the fd limit */
+    size_t output_high_water;   /* pending output above this stops reading */
+    double drain_timeout;       /* seconds graceful shutdown may take */
+    const unsigned char *shutdown_message; /* copied; NULL = none */
+    size_t shutdown_message_len;
+    pp_handler_fn handler;      /* exactly one of handler and batch */
+    pp_batch_fn batch;
+    void *ctx;                  /* passed to handler or batch */
+} pp_config;
+
+/* Counters; a snapshot, each value read atomically but not all at one instant. */
+typedef struct pp_stats {
+    uint64_t accepted;          /* connections accepted */
+    uint64_t active;            /* connections open now */
+    uint64_t closed;            /* connections closed */
+    uint64_t messages;          /* complete messages handed to the handler */
+    uint64_t replies;           /* replies framed */
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    uint64_t oversize_frames;   /* frames over max_message_size or header capacity */
+    uint64_t handler_errors;    /* handler returned < 0 or raised */
+    uint64_t accept_errors;     /* accept() failures other than EAGAIN/EINTR */
+    uint64_t read_errors;       /* recv() failures (ECONNRESET, ...) */
+    uint64_t write_errors;      /* send() failures (EPIPE, ECONNRESET, ...) */
+    uint64_t nomem_errors;      /* connections closed because memory ran out */
+    uint64_t accept_paused;     /* times accepting paused (EMFILE, max_connections) */
+    uint64_t forced_closes;     /* connections cut by a forced or timed-out drain */
+} pp_stats;
+
+typedef struct pp_server pp_server;
+
+/* Fills cfg with the defaults: 127.0.0.1:9000, 4 threads, line framing with
+ * "\n", 1 MiB messages, 4 MiB output high-water, 10 s drain. */
+void pp_config_init(pp_config *cfg);
+
+/* Validates cfg, binds and listens, and creates the worker pool; the server
+ * does not serve until pp_server_run() or pp_server_start().  On success
+ * *out owns everything; free it with pp_server_free().  Returns -EINVAL for a
+ * bad configuration, the bind/listen errno, or -ENOMEM. */
+int pp_server_new(const pp_config *cfg, pp_server **out);
+
+/* Writes the first listening address as numeric host and port. */
+int pp_server_address(const pp_server *srv, char *host, size_t hostlen,
+                      int *port);
+
+/* Runs the I/O loop on the calling thread until the server has stopped and
+ * every worker is gone (or abandoned after a forced stop).  Call at most once. */
+int pp_server_run(pp_server *srv);
+
+/* Runs the I/O loop on a new thread that blocks SIGINT and SIGTERM. */
+int pp_server_start(pp_server *srv);
+
+/* Waits for the thread of pp_server_start() to finish. */
+int pp_server_join(pp_server *srv);
+
+/* Asks the server to shut down: gracefully, or at once if force is nonzero
+ * (or a graceful stop is already under way and force is asked again).  Safe
+ * from any thread and from a signal handler; returns at once. */
+void pp_server_stop(pp_server *srv, int force);
+
+/* Nonzero once the loop has returned. */
+int pp_server_done(const pp_server *srv);
+
+/* Nonzero if the last run ended by force or by the drain timeout. */
+int pp_server_was_forced(const pp_server *srv);
+
+/* Copies the counters.  Any thread. */
+void pp_server_stats(const pp_server *srv, pp_stats *out);
+
+/* Frees the server once its loop has returned (or was never run).  Workers
+ * still stuck in a handler after a forced stop are left to finish; the last of
+ * them frees what they use.  Must not be called while the loop runs. */
+void pp_server_free(pp_server *srv);
+
+/* Installs SIGINT and SIGTERM handlers with sigaction that stop srv: the
+ * first signal gracefully, the second at once.  Saves the previous handlers.
+ * One server at a time; returns -EBUSY if another has them. */
+int pp_signals_install(pp_server *srv);
+
+/* Puts back the handlers pp_signals_install() saved. */
+void pp_signals_restore(void);
+
+/* Frames one whole reply and appends it; for batch handlers.  Same return as
+ * pp_reply_write(). */
+int pp_reply_send(pp_reply *reply, const void *data, size_t len);
+
+/* The built-in echo handler: replies with the message itself. */
+int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,
+                    pp_reply *reply);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PP_SERVER_H */

@@ -1,0 +1,214 @@
+/*
+ * reply.c - running a task on a worker: the handler per message, reply
+ * framing, and sending straight from the worker.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "core.h"
+
+/* Output above this is sent between two messages of one task, so a long
+ * pipeline does not build one huge buffer before the first byte leaves. */
+#define PP_FLUSH_AT (64 * 1024)
+
+typedef struct reply_impl {
+    pp_server *srv;
+    pp_conn *conn;
+    size_t mark;        /* size of out where the open reply's body starts */
+    int open;           /* a reply for the current message has begun */
+    int error;          /* errno of a failed write; the reply is void */
+    uint64_t replies;
+    uint64_t sent;      /* bytes sent by this worker for this task */
+} reply_impl;
+
+static int reply_write(pp_reply *r, const void *data, size_t len)
+{
+    reply_impl *ri = r->impl;
+    const pp_framing *f = &ri->srv->framing;
+    pp_buf *out = &ri->conn->out;
+    if (ri->error) {
+        errno = ri->error;
+        return -1;
+    }
+    if (!ri->open) {
+        size_t prefix = pp__frame_prefix_len(f);
+        if (pp__buf_reserve(out, prefix + len + f->delim_len) < 0)
+            goto nomem;
+        out->len += prefix;
+        ri->mark = pp__buf_size(out);
+        ri->open = 1;
+    } else if (pp__buf_reserve(out, len) < 0) {
+        goto nomem;
+    }
+    if (len)
+        memcpy(out->data + out->len, data, len);
+    out->len += len;
+    return 0;
+nomem:
+    ri->error = ENOMEM;
+    errno = ENOMEM;
+    return -1;
+}
+
+/* Frames the open reply, or takes it back if a write failed or it does not
+ * fit the framing.  Returns 0 or -errno; either way no reply is open after. */
+static int reply_close(reply_impl *ri)
+{
+    int rc = ri->error ? -ri->error : 0;
+    ri->error = 0;
+    if (!ri->open)
+        return rc;
+    ri->open = 0;
+    const pp_framing *f = &ri->srv->framing;
+    pp_buf *out = &ri->conn->out;
+    size_t body = pp__buf_size(out) - ri->mark;
+    if (rc == 0)
+        rc = pp__frame_finish(f, out, body);
+    if (rc < 0)
+        out->len -= body + pp__frame_prefix_len(f); /* no half reply goes out */
+    else
+        ri->replies++;
+    return rc;
+}
+
+static int maybe_flush(reply_impl *ri);
+
+int pp_reply_send(pp_reply *r, const void *data, size_t len)
+{
+    reply_impl *ri = r->impl;
+    reply_write(r, data, len);
+    int rc = reply_close(ri);
+    if (rc < 0) {
+        errno = -rc;
+        return -1;
+    }
+    /* A failed send means the peer is gone: the task ends with the error
+     * recorded, and the replies that could not be delivered are moot. */
+    if (ri->conn->send_error == 0) {
+        rc = maybe_flush(ri);
+        if (rc < 0)
+            ri->conn->send_error = -rc;
+    }
+    return 0;
+}
+
+int pp__conn_flush(pp_conn *c, uint64_t *sent)
+{
+    pp_buf *out = &c->out;
+    while (pp__buf_size(out) > 0) {
+        size_t want = pp__buf_size(out);
+        ssize_t n = send(c->fd, pp__buf_begin(out), want,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            pp__buf_consume(out, (size_t)n);
+            *sent += (uint64_t)n;
+            if ((size_t)n < want)
+                return 0; /* the socket buffer is full: wait for POLLOUT */
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        return n < 0 ? -errno : -EIO;
+    }
+    return 0;
+}
+
+/* Sends between messages when enough is waiting.  Returns 0 or -errno. */
+static int maybe_flush(reply_impl *ri)
+{
+    if (pp__buf_size(&ri->conn->out) < PP_FLUSH_AT)
+        return 0;
+    return pp__conn_flush(ri->conn, &ri->sent);
+}
+
+static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
+                       reply_impl *ri, uint64_t *nmsg)
+{
+    const unsigned char *p = pp__buf_begin(&c->task);
+    size_t len = pp__buf_size(&c->task);
+    size_t pos = 0, scanned = 0;
+    (void)w;
+    while (pos < len) {
+        pp_frame fr;
+        if (pp__frame_next(&srv->framing, p + pos, len - pos, &scanned, &fr) != 1)
+            abort(); /* the I/O thread hands over whole, valid frames only */
+        int st = srv->cfg.handler(srv->cfg.ctx, p + pos + fr.msg_off, fr.msg_len, r);
+        pos += fr.frame_len;
+        ++*nmsg;
+        int rc = reply_close(ri);
+        if (rc < 0 && st >= 0)
+            st = rc;
+        if (st != PP_KEEP)
+            return st > 0 ? PP_CLOSE : st;
+        rc = maybe_flush(ri);
+        if (rc < 0) {
+            c->send_error = -rc;
+            return PP_KEEP;
+        }
+    }
+    return PP_KEEP;
+}
+
+static int run_batch(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
+                     uint64_t *nmsg)
+{
+    const unsigned char *p = pp__buf_begin(&c->task);
+    size_t len = pp__buf_size(&c->task);
+    size_t pos = 0, scanned = 0, n = 0;
+    while (pos < len) {
+        pp_frame fr;
+        if (pp__frame_next(&srv->framing, p + pos, len - pos, &scanned, &fr) != 1)
+            abort();
+        if (n == w->msgs_cap) {
+            size_t cap = w->msgs_cap ? w->msgs_cap * 2 : 64;
+            pp_msg *m = realloc(w->msgs, cap * sizeof *m);
+            if (m == NULL)
+                return -ENOMEM;
+            w->msgs = m;
+            w->msgs_cap = cap;
+        }
+        w->msgs[n].data = p + pos + fr.msg_off;
+        w->msgs[n].len = fr.msg_len;
+        n++;
+        pos += fr.frame_len;
+    }
+    *nmsg = n;
+    int st = srv->cfg.batch(srv->cfg.ctx, r, w->msgs, n);
+    return st > 0 ? PP_CLOSE : st;
+}
+
+void pp__task_run(void *arg, pp_worker *w, pp_task *t)
+{
+    pp_server *srv = arg;
+    pp_conn *c = (pp_conn *)t; /* task_link is the first member */
+    reply_impl ri = {.srv = srv, .conn = c};
+    pp_reply r = {.write = reply_write, .conn_id = c->id, .impl = &ri};
+    uint64_t nmsg = 0;
+
+    int st = srv->cfg.handler ? run_handler(srv, w, c, &r, &ri, &nmsg)
+                              : run_batch(srv, w, c, &r, &nmsg);
+    if (st == -ENOMEM)
+        pp__stat_add(&w->stats.nomem_errors, 1);
+    else if (st < 0)
+        pp__stat_add(&w->stats.handler_errors, 1);
+    if (c->send_error == 0 && pp__buf_size(&c->out) > 0) {
+        int rc = pp__conn_flush(c, &ri.sent);
+        if (rc < 0)
+            c->send_error = -rc;
+    }
+    if (c->send_error)
+        pp__stat_add(&w->stats.write_errors, 1);
+    pp__stat_add(&w->stats.messages, nmsg);
+    pp__stat_add(&w->stats.replies, ri.replies);
+    pp__stat_add(&w->stats.bytes_out, ri.sent);
+    c->status = st;
+    /* Past this call the connection is the I/O thread's again. */
+    pp__loop_complete(srv, c);
+}

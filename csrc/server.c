@@ -1,0 +1,308 @@
+/* server.c - creating, running, stopping and freeing a server. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
+
+#include "core.h"
+
+void pp_config_init(pp_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->host = "127.0.0.1";
+    cfg->port = 9000;
+    cfg->backlog = 1024;
+    cfg->threads = 4;
+    cfg->queue_size = 4096;
+    cfg->framing = PP_FRAMING_LINE;
+    cfg->delimiter[0] = '\n';
+    cfg->delimiter_len = 1;
+    cfg->header_bytes = 4;
+    cfg->max_message_size = 1 << 20;
+    cfg->output_high_water = 4 << 20;
+    cfg->drain_timeout = 10.0;
+    cfg->handler = pp_handler_echo;
+}
+
+static int validate(const pp_config *cfg)
+{
+    if (cfg->port < 0 || cfg->port > 65535 || cfg->threads < 1 ||
+        cfg->threads > 1024 || cfg->output_high_water == 0 ||
+        !(cfg->drain_timeout >= 0.0) || cfg->drain_timeout > 86400.0 * 365)
+        return -EINVAL;
+    if ((cfg->handler == NULL) == (cfg->batch == NULL))
+        return -EINVAL;
+    if (cfg->shutdown_message_len && cfg->shutdown_message == NULL)
+        return -EINVAL;
+    return 0;
+}
+
+static int wake_open(pp_server *srv)
+{
+#ifdef __linux__
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    srv->wake_rd = srv->wake_wr = fd;
+#else
+    int p[2];
+    if (pipe(p) < 0)
+        return -errno;
+    for (int i = 0; i < 2; i++) {
+        fcntl(p[i], F_SETFL, fcntl(p[i], F_GETFL) | O_NONBLOCK);
+        fcntl(p[i], F_SETFD, FD_CLOEXEC);
+    }
+    srv->wake_rd = p[0];
+    srv->wake_wr = p[1];
+#endif
+    return 0;
+}
+
+static void wake_close(pp_server *srv)
+{
+    if (srv->wake_rd >= 0)
+        close(srv->wake_rd);
+    if (srv->wake_wr >= 0 && srv->wake_wr != srv->wake_rd)
+        close(srv->wake_wr);
+    srv->wake_rd = srv->wake_wr = -1;
+}
+
+static void orphan_free(void *arg)
+{
+    pp__server_destroy(arg);
+}
+
+int pp_server_new(const pp_config *cfg, pp_server **out)
+{
+    int rc = validate(cfg);
+    if (rc < 0)
+        return rc;
+    pp_server *srv = calloc(1, sizeof *srv);
+    if (srv == NULL)
+        return -ENOMEM;
+    srv->cfg = *cfg;
+    srv->wake_rd = srv->wake_wr = -1;
+    for (int i = 0; i < PP_MAX_LISTENERS; i++)
+        srv->listen_fd[i] = -1;
+    if (srv->cfg.backlog <= 0)
+        srv->cfg.backlog = 1024;
+    if (srv->cfg.queue_size == 0)
+        srv->cfg.queue_size = 4096;
+    /* The host string is the caller's; keep only what the bind needs now. */
+    srv->cfg.host = NULL;
+    srv->cfg.shutdown_message = NULL;
+    if ((rc = pp__framing_init(&srv->framing, cfg)) < 0)
+        goto fail;
+    /* Room for one largest frame plus its framing, and some pipelining. */
+    srv->in_limit = srv->framing.max_size + 16 + 64 * 1024;
+    if (cfg->shutdown_message != NULL) {
+        srv->shutdown_msg = malloc(cfg->shutdown_message_len ? cfg->shutdown_message_len : 1);
+        if (srv->shutdown_msg == NULL) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        memcpy(srv->shutdown_msg, cfg->shutdown_message, cfg->shutdown_message_len);
+    }
+    if ((rc = pp__pool_init(&srv->pool, cfg->threads, pp__task_run, srv)) < 0)
+        goto fail;
+    srv->pool.orphan_free = orphan_free;
+    if ((rc = wake_open(srv)) < 0)
+        goto fail_pool;
+    srv->cfg.host = cfg->host;
+    rc = pp__listen(srv);
+    srv->cfg.host = NULL;
+    if (rc < 0)
+        goto fail_wake;
+    srv->cap_pfds = 64;
+    srv->pfds = calloc(srv->cap_pfds, sizeof *srv->pfds);
+    srv->conns = calloc(srv->cap_pfds, sizeof *srv->conns);
+    if (srv->pfds == NULL || srv->conns == NULL) {
+        rc = -ENOMEM;
+        goto fail_listen;
+    }
+    srv->pfds[0] = (struct pollfd){.fd = srv->wake_rd, .events = POLLIN};
+    for (int i = 0; i < srv->nlisten; i++)
+        srv->pfds[1 + i] = (struct pollfd){.fd = srv->listen_fd[i], .events = POLLIN};
+    srv->npfds = 1 + (size_t)srv->nlisten;
+    *out = srv;
+    return 0;
+
+fail_listen:
+    free(srv->pfds);
+    free(srv->conns);
+    pp__listen_close(srv);
+fail_wake:
+    wake_close(srv);
+fail_pool:
+    pp__pool_destroy(&srv->pool);
+fail:
+    free(srv->shutdown_msg);
+    free(srv);
+    return rc;
+}
+
+int pp_server_address(const pp_server *srv, char *host, size_t hostlen, int *port)
+{
+    if (srv->nlisten == 0 || srv->listen_fd[0] < 0)
+        return -EBADF;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getsockname(srv->listen_fd[0], (struct sockaddr *)&ss, &sl) < 0)
+        return -errno;
+    const void *addr;
+    if (ss.ss_family == AF_INET) {
+        addr = &((struct sockaddr_in *)&ss)->sin_addr;
+        *port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    } else {
+        addr = &((struct sockaddr_in6 *)&ss)->sin6_addr;
+        *port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    if (inet_ntop(ss.ss_family, addr, host, (socklen_t)hostlen) == NULL)
+        return -errno;
+    return 0;
+}
+
+int pp_server_run(pp_server *srv)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&srv->running, &expected, 1))
+        return -EALREADY;
+    int rc = pp__pool_start(&srv->pool);
+    if (rc == 0) {
+        rc = pp__loop_run(srv);
+        /* Graceful: no task is left, so the workers exit at once.  Forced:
+         * the queue is dropped; a worker stuck in a handler is left behind. */
+        if (srv->forcing || rc < 0)
+            pp__pool_stop(&srv->pool, 1, 0);
+        else
+            pp__pool_stop(&srv->pool, 0, -1);
+    }
+    atomic_store(&srv->finished, 1);
+    return rc;
+}
+
+static void *io_main(void *arg)
+{
+    pp_server *srv = arg;
+    pp_server_run(srv);
+    return NULL;
+}
+
+int pp_server_start(pp_server *srv)
+{
+    if (srv->io_thread_started || atomic_load(&srv->running))
+        return -EALREADY;
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    int rc = pthread_create(&srv->io_thread, NULL, io_main, srv);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0)
+        return -rc;
+    srv->io_thread_started = 1;
+    return 0;
+}
+
+int pp_server_join(pp_server *srv)
+{
+    if (!srv->io_thread_started)
+        return -ESRCH;
+    int rc = pthread_join(srv->io_thread, NULL);
+    srv->io_thread_started = 0;
+    return -rc;
+}
+
+void pp_server_stop(pp_server *srv, int force)
+{
+    int want = force ? 2 : 1;
+    int cur = atomic_load(&srv->stop_level);
+    while (cur < want && !atomic_compare_exchange_weak(&srv->stop_level, &cur, want))
+        ;
+    pp__loop_wake(srv);
+}
+
+int pp_server_done(const pp_server *srv)
+{
+    return atomic_load(&srv->finished);
+}
+
+int pp_server_was_forced(const pp_server *srv)
+{
+    return atomic_load(&srv->forced);
+}
+
+void pp_server_stats(const pp_server *srv, pp_stats *s)
+{
+#define PP_LD(x) atomic_load_explicit(&(x), memory_order_relaxed)
+    memset(s, 0, sizeof *s);
+    const pp_iostats *io = &srv->stats;
+    s->accepted = PP_LD(io->accepted);
+    s->closed = PP_LD(io->closed);
+    int64_t active = atomic_load(&srv->active);
+    s->active = active > 0 ? (uint64_t)active : 0;
+    s->bytes_in = PP_LD(io->bytes_in);
+    s->bytes_out = PP_LD(io->bytes_out);
+    s->oversize_frames = PP_LD(io->oversize_frames);
+    s->accept_errors = PP_LD(io->accept_errors);
+    s->read_errors = PP_LD(io->read_errors);
+    s->write_errors = PP_LD(io->write_errors);
+    s->accept_paused = PP_LD(io->accept_paused);
+    s->forced_closes = PP_LD(io->forced_closes);
+    s->nomem_errors = PP_LD(io->nomem_errors);
+    for (int i = 0; i < srv->pool.nthreads; i++) {
+        const pp_wstats *w = &srv->pool.workers[i].stats;
+        s->messages += PP_LD(w->messages);
+        s->replies += PP_LD(w->replies);
+        s->bytes_out += PP_LD(w->bytes_out);
+        s->handler_errors += PP_LD(w->handler_errors);
+        s->write_errors += PP_LD(w->write_errors);
+        s->nomem_errors += PP_LD(w->nomem_errors);
+    }
+#undef PP_LD
+}
+
+void pp__server_destroy(pp_server *srv)
+{
+    for (size_t i = 1 + (size_t)srv->nlisten; i < srv->npfds; i++) {
+        pp_conn *c = srv->conns[i];
+        close(c->fd);
+        pp__buf_free(&c->in);
+        pp__buf_free(&c->task);
+        pp__buf_free(&c->out);
+        free(c);
+    }
+    free(srv->pfds);
+    free(srv->conns);
+    pp__listen_close(srv);
+    wake_close(srv);
+    pp__pool_destroy(&srv->pool);
+    free(srv->shutdown_msg);
+    free(srv);
+}
+
+void pp_server_free(pp_server *srv)
+{
+    if (srv == NULL)
+        return;
+    if (srv->io_thread_started) {
+        pp_server_stop(srv, 1);
+        pp_server_join(srv);
+    }
+    if (atomic_load(&srv->running) && !atomic_load(&srv->finished))
+        abort(); /* freeing a server whose loop runs on another thread */
+    if (pp__pool_release(&srv->pool))
+        pp__server_destroy(srv);
+}

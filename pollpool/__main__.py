@@ -1,0 +1,95 @@
+"""``python -m pollpool``: serve a handler from the command line.
+
+Native echo with line framing on 127.0.0.1:9000 by default.  Ctrl+C drains
+gracefully (exit status 0); a second Ctrl+C stops at once (exit status 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any, List, Optional
+
+from . import __version__, handlers
+from .framing import parse_framing
+from .server import Server
+
+
+def load_handler(spec: str) -> Any:
+    """``echo`` or ``module:function`` (a Python callable)."""
+    if spec == "echo":
+        return handlers.echo
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"handler must be 'echo' or 'module:function', got {spec!r}")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj) and not isinstance(obj, handlers.NativeHandler):
+        raise TypeError(f"{spec} is not callable")
+    return obj
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pollpool",
+        description="Serve a handler over TCP with pollpool's C poll() loop and worker pool.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; '' = all)")
+    p.add_argument("--port", type=int, default=9000, help="port (default 9000; 0 = ephemeral)")
+    p.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
+    p.add_argument("--framing", default="line",
+                   help="line | line:DELIM (e.g. 'line:\\r\\n') | length | length:1|2|4|8 | raw (default line)")
+    p.add_argument("--handler", default="echo", help="echo (native) or module:function (default echo)")
+    p.add_argument("--max-message-size", type=int, default=None, help="largest message in bytes")
+    p.add_argument("--max-connections", type=int, default=0, help="open connections at most (0 = no limit)")
+    p.add_argument("--output-high-water", type=int, default=4 * 1024 * 1024,
+                   help="pending output per connection that pauses its reading (bytes)")
+    p.add_argument("--queue-size", type=int, default=4096, help="tasks waiting for a worker at most")
+    p.add_argument("--backlog", type=int, default=1024, help="listen() backlog")
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="seconds a graceful shutdown may take (default 10)")
+    p.add_argument("--shutdown-message", default=None,
+                   help="text sent, framed, to every client on shutdown")
+    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    p.add_argument("--version", action="version", version=f"pollpool {__version__}")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = Server(
+            load_handler(args.handler),
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            framing=parse_framing(args.framing),
+            backlog=args.backlog,
+            max_connections=args.max_connections,
+            max_message_size=args.max_message_size,
+            output_high_water=args.output_high_water,
+            queue_size=args.queue_size,
+            drain_timeout=args.drain_timeout,
+            shutdown_message=None if args.shutdown_message is None else args.shutdown_message.encode(),
+        )
+        host, port = server.listen()
+    except (ValueError, TypeError, ImportError, AttributeError) as e:
+        print(f"pollpool: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"pollpool: {e}", file=sys.stderr)
+        return 1
+    shown = f"[{host}]" if ":" in host else host
+    print(f"pollpool listening on {shown}:{port}", flush=True)
+    stats = server.serve_forever()
+    print("pollpool stopped: " + json.dumps(stats), flush=True)
+    return 130 if server.forced else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

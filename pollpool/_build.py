@@ -1,0 +1,139 @@
+"""The cffi builder for ``pollpool._native``: the C core plus the Python glue.
+
+Only the build imports this file (``setup.py`` names it in ``cffi_modules``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from cffi import FFI
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC = os.path.join(os.path.dirname(_HERE), "csrc")
+if not os.path.isdir(_CSRC):  # building from an sdist laid out differently
+    _CSRC = os.path.join(_HERE, "csrc")
+
+CDEF = """
+#define PP_FRAMING_RAW 0
+#define PP_FRAMING_LINE 1
+#define PP_FRAMING_LENGTH 2
+#define PP_MAX_DELIMITER 16
+#define POLLPOOL_ABI_VERSION 1
+
+typedef struct pp_reply pp_reply;
+typedef int (*pp_handler_fn)(void *ctx, const unsigned char *msg, size_t len,
+                             pp_reply *reply);
+typedef struct pp_msg pp_msg;
+typedef int (*pp_batch_fn)(void *ctx, pp_reply *reply, const pp_msg *msgs,
+                           size_t n);
+
+typedef struct pp_config {
+    const char *host;
+    int port;
+    int backlog;
+    int threads;
+    size_t queue_size;
+    int framing;
+    unsigned char delimiter[16];
+    size_t delimiter_len;
+    int header_bytes;
+    size_t max_message_size;
+    size_t max_connections;
+    size_t output_high_water;
+    double drain_timeout;
+    const unsigned char *shutdown_message;
+    size_t shutdown_message_len;
+    pp_handler_fn handler;
+    pp_batch_fn batch;
+    void *ctx;
+} pp_config;
+
+typedef struct pp_stats {
+    uint64_t accepted;
+    uint64_t active;
+    uint64_t closed;
+    uint64_t messages;
+    uint64_t replies;
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    uint64_t oversize_frames;
+    uint64_t handler_errors;
+    uint64_t accept_errors;
+    uint64_t read_errors;
+    uint64_t write_errors;
+    uint64_t nomem_errors;
+    uint64_t accept_paused;
+    uint64_t forced_closes;
+} pp_stats;
+
+typedef struct pp_server pp_server;
+
+void pp_config_init(pp_config *cfg);
+int pp_server_new(const pp_config *cfg, pp_server **out);
+int pp_server_address(const pp_server *srv, char *host, size_t hostlen,
+                      int *port);
+int pp_server_run(pp_server *srv);
+void pp_server_stop(pp_server *srv, int force);
+int pp_server_was_forced(const pp_server *srv);
+void pp_server_stats(const pp_server *srv, pp_stats *out);
+void pp_server_free(pp_server *srv);
+int pp_signals_install(pp_server *srv);
+void pp_signals_restore(void);
+int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,
+                    pp_reply *reply);
+
+/* Python glue (defined in the source below). */
+typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;
+int pp_py_reply(pp_reply *reply, const char *data, size_t len);
+uint64_t pp_py_conn_id(pp_reply *reply);
+extern "Python" int _pp_py_batch(void *ctx, pp_reply *reply,
+                                 const pp_pymsg *msgs, size_t n);
+int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n);
+"""
+
+GLUE = r"""
+#include "pp_server.h"
+
+/* pp_msg with char data, so that the Python side gets bytes from ffi.unpack. */
+typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;
+
+static int _pp_py_batch(void *ctx, pp_reply *reply, const pp_pymsg *msgs,
+                        size_t n);
+
+/* The core's batch hook: one trip into Python (one GIL acquisition) per task
+ * rather than one per message. */
+int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
+{
+    return _pp_py_batch(ctx, reply, (const pp_pymsg *)msgs, n);
+}
+
+int pp_py_reply(pp_reply *reply, const char *data, size_t len)
+{
+    return pp_reply_send(reply, data, len);
+}
+
+uint64_t pp_py_conn_id(pp_reply *reply)
+{
+    return pp_reply_conn_id(reply);
+}
+"""
+
+SOURCES = sorted(
+    os.path.join(_CSRC, name) for name in os.listdir(_CSRC) if name.endswith(".c")
+)
+
+ffi = FFI()
+ffi.cdef(CDEF)
+ffi.set_source(
+    "pollpool._native",
+    GLUE,
+    sources=[os.path.relpath(s) for s in SOURCES],
+    include_dirs=[_CSRC],
+    define_macros=[("_GNU_SOURCE", "1")],
+    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-fvisibility=hidden"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

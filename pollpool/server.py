@@ -1,0 +1,366 @@
+"""``pollpool.Server``: configure the C core, run it, stop it."""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+from ._core import ffi, lib
+from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
+from .handlers import NativeHandler
+
+log = logging.getLogger("pollpool")
+
+BytesLike = Union[bytes, bytearray, memoryview]
+Handler = Callable[[bytes], Optional[BytesLike]]
+
+STAT_FIELDS = (
+    "accepted", "active", "closed", "messages", "replies", "bytes_in", "bytes_out",
+    "oversize_frames", "handler_errors", "accept_errors", "read_errors",
+    "write_errors", "nomem_errors", "accept_paused", "forced_closes",
+)
+
+# Handles of servers stopped by force: a worker may still be inside their
+# Python handler, so what the handle points to must live as long as the process.
+_ORPHANS: list = []
+_RUNNING: "weakref.WeakSet[Server]" = weakref.WeakSet()
+
+
+class _PyHandler:
+    """What a worker reaches through the batch callback's ctx pointer."""
+
+    __slots__ = ("fn", "name")
+
+    def __init__(self, fn: Handler) -> None:
+        self.fn = fn
+        self.name = getattr(fn, "__qualname__", None) or repr(fn)
+
+
+@ffi.def_extern()
+def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int) -> int:
+    # Runs on a worker thread with the GIL held, once per task (a batch of
+    # messages of one connection).  Returns PP_KEEP, or -1 to close.
+    h: _PyHandler = ffi.from_handle(ctx)
+    fn = h.fn
+    unpack = ffi.unpack
+    send = lib.pp_py_reply
+    from_buffer = ffi.from_buffer
+    for i in range(n):
+        m = msgs[i]
+        try:
+            out = fn(unpack(m.data, m.len))
+            if out is None:
+                continue
+            if type(out) is bytes:
+                rc = send(reply, out, len(out))
+            elif isinstance(out, (bytes, bytearray, memoryview)):
+                buf = from_buffer("char[]", out)
+                rc = send(reply, buf, len(buf))
+            else:
+                raise TypeError(
+                    f"handler {h.name} returned {type(out).__name__}; "
+                    "expected bytes, bytearray, memoryview or None"
+                )
+            if rc < 0:
+                raise OSError(ffi.errno, f"reply not sent: {os.strerror(ffi.errno)}")
+        except Exception:
+            log.exception(
+                "handler %s failed on connection %d; closing it",
+                h.name, lib.pp_py_conn_id(reply),
+            )
+            return -1
+    return 0
+
+
+def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+class Server:
+    """A TCP server whose I/O loop and worker pool run in C.
+
+    ``handler`` is a Python callable ``message -> bytes | None`` (run on a
+    worker thread, with the GIL) or a :class:`pollpool.NativeHandler` such as
+    :data:`pollpool.handlers.echo` (run without the GIL).
+
+    Run it with :meth:`serve_forever` (blocks; Ctrl+C drains gracefully) or
+    :meth:`start`/:meth:`stop`, or as a context manager.  A server runs once.
+    """
+
+    def __init__(
+        self,
+        handler: Union[Handler, NativeHandler],
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        *,
+        threads: int = 4,
+        framing: Union[str, Framing] = "line",
+        backlog: int = 1024,
+        max_connections: int = 0,
+        max_message_size: Optional[int] = None,
+        output_high_water: int = 4 * 1024 * 1024,
+        queue_size: int = 4096,
+        drain_timeout: float = 10.0,
+        shutdown_message: Optional[BytesLike] = None,
+    ) -> None:
+        if not isinstance(handler, NativeHandler) and not callable(handler):
+            raise TypeError("handler must be callable or a pollpool.NativeHandler")
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str, not {type(host).__name__}")
+        self.handler = handler
+        self.host = host
+        self.port = _check_int("port", port, 0, 65535)
+        self.threads = _check_int("threads", threads, 1, 1024)
+        self.backlog = _check_int("backlog", backlog, 1)
+        self.max_connections = _check_int("max_connections", max_connections, 0)
+        self.output_high_water = _check_int("output_high_water", output_high_water, 1)
+        self.queue_size = _check_int("queue_size", queue_size, 1)
+        f = parse_framing(framing)
+        if max_message_size is not None:
+            _check_int("max_message_size", max_message_size, 1)
+            f = type(f)(**{**f.__dict__, "max_size": max_message_size})
+        self.framing: Framing = f
+        if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)):
+            raise TypeError("drain_timeout must be a number of seconds")
+        if not 0 <= drain_timeout <= 86400:
+            raise ValueError(f"drain_timeout must be between 0 and 86400 s, got {drain_timeout}")
+        self.drain_timeout = float(drain_timeout)
+        if shutdown_message is not None:
+            if not isinstance(shutdown_message, (bytes, bytearray, memoryview)):
+                raise TypeError("shutdown_message must be bytes or None")
+            shutdown_message = bytes(shutdown_message)
+            if isinstance(f, LengthPrefixed) and f.header_bytes < 8 and \
+                    len(shutdown_message) >= 1 << (8 * f.header_bytes):
+                raise ValueError("shutdown_message is too long for the length header")
+        self.shutdown_message: Optional[bytes] = shutdown_message
+
+        self._lock = threading.Lock()
+        self._srv: Any = None          # pp_server *, guarded by _lock
+        self._handle: Any = None       # keeps the Python handler reachable from C
+        self._state = "new"            # new -> running -> stopped
+        self._done = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._last_stats: Dict[str, int] = dict.fromkeys(STAT_FIELDS, 0)
+        self._address: Optional[Tuple[str, int]] = None
+        self._forced = False
+        self._result: Optional[BaseException] = None
+
+    # -- life cycle ------------------------------------------------------
+
+    def listen(self) -> Tuple[str, int]:
+        """Binds and listens now, without serving yet, and returns the address.
+        :meth:`serve_forever` and :meth:`start` call it when needed.  Raises
+        OSError with the real errno (EADDRINUSE, EACCES, ...) on failure."""
+        with self._lock:
+            if self._state == "listening":
+                return self.address
+            if self._state != "new":
+                raise RuntimeError("this server has already been started; create a new one")
+            self._state = "binding"
+        cfg = ffi.new("pp_config *")
+        lib.pp_config_init(cfg)
+        host = ffi.new("char[]", self.host.encode("idna") if self.host else b"")
+        cfg.host = host
+        cfg.port = self.port
+        cfg.backlog = self.backlog
+        cfg.threads = self.threads
+        cfg.queue_size = self.queue_size
+        cfg.max_connections = self.max_connections
+        cfg.output_high_water = self.output_high_water
+        cfg.drain_timeout = self.drain_timeout
+        f = self.framing
+        cfg.max_message_size = f.max_size
+        if isinstance(f, Raw):
+            cfg.framing = lib.PP_FRAMING_RAW
+        elif isinstance(f, Lines):
+            cfg.framing = lib.PP_FRAMING_LINE
+            cfg.delimiter_len = len(f.delimiter)
+            for i, b in enumerate(f.delimiter):
+                cfg.delimiter[i] = b
+        else:
+            cfg.framing = lib.PP_FRAMING_LENGTH
+            cfg.header_bytes = f.header_bytes
+        msg = None
+        if self.shutdown_message is not None:
+            msg = ffi.from_buffer("unsigned char[]", self.shutdown_message)
+            cfg.shutdown_message = msg
+            cfg.shutdown_message_len = len(self.shutdown_message)
+        if isinstance(self.handler, NativeHandler):
+            cfg.handler, cfg.ctx = self.handler._pointers()
+        else:
+            self._handle = ffi.new_handle(_PyHandler(self.handler))
+            cfg.handler = ffi.NULL
+            cfg.batch = lib.pp_py_batch
+            cfg.ctx = self._handle
+        out = ffi.new("pp_server **")
+        rc = lib.pp_server_new(cfg, out)
+        if rc < 0:
+            with self._lock:
+                self._state = "new"
+            err = -rc
+            if err == errno.EINVAL:
+                raise ValueError("the server core refused this configuration")
+            where = f"{self.host}:{self.port}"
+            raise OSError(err, f"cannot listen on {where}: {os.strerror(err)}")
+        srv = out[0]
+        buf = ffi.new("char[64]")
+        port = ffi.new("int *")
+        if lib.pp_server_address(srv, buf, 64, port) == 0:
+            self._address = (ffi.string(buf).decode(), port[0])
+        with self._lock:
+            self._srv = srv
+            self._state = "listening"
+        _RUNNING.add(self)
+        return self.address
+
+    def _begin(self) -> None:
+        self.listen()
+        with self._lock:
+            if self._state != "listening":
+                raise RuntimeError("this server has already been started; create a new one")
+            self._state = "running"
+
+    def _run(self, signals: bool = False) -> None:
+        """Runs the loop on this thread, then frees the core."""
+        try:
+            rc = lib.pp_server_run(self._srv)
+            if rc < 0:
+                self._result = OSError(-rc, f"server loop failed: {os.strerror(-rc)}")
+                log.error("server loop failed: %s", os.strerror(-rc))
+        finally:
+            # The signal handlers point at the core: put the old ones back
+            # before the core is freed.
+            if signals:
+                lib.pp_signals_restore()
+            self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            srv, self._srv = self._srv, None
+            self._last_stats = self._read_stats(srv)
+            self._forced = bool(lib.pp_server_was_forced(srv))
+            if self._forced and self._handle is not None:
+                _ORPHANS.append(self._handle)
+            lib.pp_server_free(srv)
+            self._state = "stopped"
+        _RUNNING.discard(self)
+        self._done.set()
+
+    def start(self) -> "Server":
+        """Binds, starts the loop on a background thread, and returns once
+        listening.  Raises OSError (with the real errno) if binding fails."""
+        self._begin()
+        self._thread = threading.Thread(target=self._run, name="pollpool-io", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> Dict[str, int]:
+        """Serves on the calling thread until stopped; returns the final stats.
+
+        On the main thread, SIGINT and SIGTERM are taken over for the
+        duration: the first drains gracefully, the second stops at once.
+        The previous handlers are restored afterwards.
+        """
+        self._begin()
+        signals = threading.current_thread() is threading.main_thread()
+        if signals:
+            rc = lib.pp_signals_install(self._srv)
+            if rc < 0:
+                self._finish()
+                raise RuntimeError("another server already owns SIGINT/SIGTERM")
+        self._run(signals)
+        if self._result is not None:
+            raise self._result
+        return dict(self._last_stats)
+
+    def stop(self, timeout: Optional[float] = None) -> Dict[str, int]:
+        """Stops gracefully: no new connections, every message already read is
+        answered, the shutdown message is sent, connections are closed.  After
+        ``timeout`` seconds (default: the drain timeout) the rest is cut.
+        Returns the final stats.  Any thread; idempotent."""
+        with self._lock:
+            if self._state == "new":
+                self._state = "stopped"
+                self._done.set()
+            elif self._state == "listening":
+                # Bound but never served: nothing to drain.
+                srv, self._srv = self._srv, None
+                lib.pp_server_free(srv)
+                self._state = "stopped"
+                _RUNNING.discard(self)
+                self._done.set()
+            if self._srv is not None:
+                lib.pp_server_stop(self._srv, 0)
+        if timeout is not None and not self._done.wait(timeout):
+            with self._lock:
+                if self._srv is not None:
+                    lib.pp_server_stop(self._srv, 1)
+        self._done.wait()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        return dict(self._last_stats)
+
+    def __enter__(self) -> "Server":
+        if self._state in ("new", "listening"):
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- inspection ------------------------------------------------------
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """(host, port) the server listens on; the real port when 0 was asked."""
+        if self._address is None:
+            raise RuntimeError("the server is not listening yet")
+        return self._address
+
+    @property
+    def running(self) -> bool:
+        """True between start()/serve_forever() and the end of the stop."""
+        return self._state == "running"
+
+    @property
+    def forced(self) -> bool:
+        """True if the last stop cut connections (second signal or timeout)."""
+        return self._forced
+
+    @staticmethod
+    def _read_stats(srv: Any) -> Dict[str, int]:
+        s = ffi.new("pp_stats *")
+        lib.pp_server_stats(srv, s)
+        return {name: int(getattr(s, name)) for name in STAT_FIELDS}
+
+    def stats(self) -> Dict[str, int]:
+        """Counters: connections, messages, replies, bytes, errors by kind."""
+        with self._lock:
+            if self._srv is not None:
+                return self._read_stats(self._srv)
+            return dict(self._last_stats)
+
+    def __repr__(self) -> str:
+        where = f"{self._address[0]}:{self._address[1]}" if self._address else f"{self.host}:{self.port}"
+        return f"<pollpool.Server {where} {self._state}>"
+
+
+@atexit.register
+def _stop_all() -> None:
+    # A worker calling into a finalizing interpreter crashes the process, so
+    # every server still running is stopped before finalization begins.
+    for srv in list(_RUNNING):
+        try:
+            srv.stop(timeout=srv.drain_timeout)
+        except Exception:  # pragma: no cover - best effort at exit
+            log.exception("stopping %r at exit failed", srv)
