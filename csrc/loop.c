@@ -17,8 +17,12 @@
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
+#ifdef __linux__
+#include <linux/sockios.h>
+#endif
 #include <unistd.h>
 
 #include "core.h"
@@ -26,6 +30,7 @@
 #define PP_READ_CHUNK 16384
 #define PP_KEEP_BUF (64 * 1024)     /* buffers above this are freed when empty */
 #define PP_LINGER_MS 2000           /* how long a closing peer may keep sending */
+#define PP_LINGER_POLL_MS 10        /* how often lingering closes are looked at */
 #define PP_ACCEPT_RETRY_MS 100      /* pause after EMFILE/ENFILE/ENOMEM */
 #define PP_FORCE_GRACE_MS 200       /* tasks in flight get this long after force */
 #define PP_FIRST_CONN_SLOT(srv) (1 + (size_t)(srv)->nlisten)
@@ -270,9 +275,26 @@ static void conn_close(pp_server *srv, pp_conn *c)
         accept_resume(srv);
 }
 
-/* Shuts our write side and reads until the peer closes.  Closing at once
- * while the peer still sends would answer with RST, and an RST may destroy
- * replies the peer has not read yet. */
+/* Nonzero once the peer has acknowledged everything we sent, FIN included:
+ * from then on an RST (our close with the peer still sending) can no longer
+ * take replies away from it. */
+static int conn_all_acked(const pp_conn *c)
+{
+#ifdef SIOCOUTQ
+    int unacked = 0;
+    if (ioctl(c->fd, SIOCOUTQ, &unacked) == 0)
+        return unacked == 0;
+#else
+    (void)c;
+#endif
+    return 0; /* unknown: wait for the peer's EOF or the deadline */
+}
+
+static void conn_read(pp_server *srv, pp_conn *c);
+
+/* Shuts our write side, then closes once the peer has everything or closes
+ * too.  Closing at once with the peer still sending would answer with RST,
+ * and an RST may destroy replies the peer has not received yet. */
 static void conn_linger(pp_server *srv, pp_conn *c)
 {
     if (shutdown(c->fd, SHUT_WR) < 0) {
@@ -280,14 +302,20 @@ static void conn_linger(pp_server *srv, pp_conn *c)
         return;
     }
     c->flags |= PP_C_LINGER;
-    int64_t until = pp__now_ms() + PP_LINGER_MS;
+    srv->nlinger++;
+    pp__buf_reset(&c->in, 0);
+    conn_read(srv, c);
+    if ((c->flags & PP_C_BROKEN) || conn_all_acked(c)) {
+        conn_close(srv, c);
+        return;
+    }
+    int64_t now = pp__now_ms();
+    int64_t until = now + PP_LINGER_MS;
     if (srv->draining && srv->drain_deadline < until)
         until = srv->drain_deadline;
     c->linger_deadline = until;
-    srv->nlinger++;
-    if (srv->linger_check_at == 0 || until < srv->linger_check_at)
-        srv->linger_check_at = until;
-    pp__buf_reset(&c->in, 0);
+    if (srv->linger_check_at == 0 || now + PP_LINGER_POLL_MS < srv->linger_check_at)
+        srv->linger_check_at = now + PP_LINGER_POLL_MS;
     conn_update(srv, c);
 }
 
@@ -318,7 +346,9 @@ static void conn_read(pp_server *srv, pp_conn *c)
 {
     if (c->flags & PP_C_LINGER) {
         unsigned char junk[PP_READ_CHUNK];
-        for (;;) {
+        /* Bounded, so a peer that floods a closing connection cannot hold
+         * the loop; poll() reports the rest next round. */
+        for (int round = 0; round < 16; round++) {
             ssize_t n = recv(c->fd, junk, sizeof junk, 0);
             if (n > 0)
                 continue;
@@ -329,6 +359,7 @@ static void conn_read(pp_server *srv, pp_conn *c)
             c->flags |= PP_C_BROKEN; /* EOF or error: done lingering */
             return;
         }
+        return;
     }
     while (conn_can_read(srv, c)) {
         if (pp__buf_reserve(&c->in, PP_READ_CHUNK) < 0) {
@@ -551,6 +582,9 @@ static void push_batch(pp_server *srv)
 
 /* ---- timers and shutdown ------------------------------------------------ */
 
+/* Closes lingering connections whose peer has everything, or whose time is
+ * up.  A scan over the connections, but only every PP_LINGER_POLL_MS and only
+ * while some connection lingers. */
 static void expire_lingers(pp_server *srv, int64_t now)
 {
     if (srv->nlinger == 0) {
@@ -559,19 +593,13 @@ static void expire_lingers(pp_server *srv, int64_t now)
     }
     if (now < srv->linger_check_at)
         return;
-    int64_t next = 0;
     for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);) {
         pp_conn *c = srv->conns[i];
-        if (!(c->flags & PP_C_LINGER))
-            continue;
-        if (c->linger_deadline <= now) {
+        if ((c->flags & PP_C_LINGER) &&
+            (c->linger_deadline <= now || conn_all_acked(c)))
             conn_close(srv, c);
-            continue;
-        }
-        if (next == 0 || c->linger_deadline < next)
-            next = c->linger_deadline;
     }
-    srv->linger_check_at = next;
+    srv->linger_check_at = srv->nlinger ? now + PP_LINGER_POLL_MS : 0;
 }
 
 static void begin_drain(pp_server *srv)
@@ -642,9 +670,6 @@ int pp__loop_run(pp_server *srv)
             begin_drain(srv);
         if (level >= 2 && !srv->forcing)
             begin_force(srv);
-        if (srv->draining && srv->nconns == 0)
-            break;
-
         int64_t now = pp__now_ms();
         if (srv->forcing && now >= srv->force_deadline)
             break;
@@ -660,6 +685,8 @@ int pp__loop_run(pp_server *srv)
         if (srv->accept_retry_at && now >= srv->accept_retry_at)
             accept_resume(srv);
         expire_lingers(srv, now);
+        if (srv->draining && srv->nconns == 0)
+            break;
 
         int timeout = poll_timeout(srv, now);
         /* Announce the sleep, then look once more: a completion pushed before

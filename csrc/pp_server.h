@@ -92,6 +92,11 @@ int pp_server_new(const pp_config *cfg, pp_server **out);
 int pp_server_address(const pp_server *srv, char *host, size_t hostlen,
                       int *port);
 
+/* Starts the worker threads (with SIGINT and SIGTERM blocked), so that a
+ * caller learns of a thread creation failure before serving; pp_server_run()
+ * does it if nobody did.  Not thread-safe against pp_server_run(). */
+int pp_server_start_workers(pp_server *srv);
+
 /* Runs the I/O loop on the calling thread until the server has stopped and
  * every worker is gone (or abandoned after a forced stop).  Call at most once. */
 int pp_server_run(pp_server *srv);

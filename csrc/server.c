@@ -173,18 +173,25 @@ int pp_server_address(const pp_server *srv, char *host, size_t hostlen, int *por
     return 0;
 }
 
+int pp_server_start_workers(pp_server *srv)
+{
+    if (srv->pool.started)
+        return 0;
+    return pp__pool_start(&srv->pool);
+}
+
 int pp_server_run(pp_server *srv)
 {
     int expected = 0;
     if (!atomic_compare_exchange_strong(&srv->running, &expected, 1))
         return -EALREADY;
-    int rc = pp__pool_start(&srv->pool);
+    int rc = pp_server_start_workers(srv);
     if (rc == 0) {
         rc = pp__loop_run(srv);
         /* Graceful: no task is left, so the workers exit at once.  Forced:
          * the queue is dropped; a worker stuck in a handler is left behind. */
         if (srv->forcing || rc < 0)
-            pp__pool_stop(&srv->pool, 1, 0);
+            pp__pool_stop(&srv->pool, 1, 50);
         else
             pp__pool_stop(&srv->pool, 0, -1);
     }

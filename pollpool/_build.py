@@ -73,6 +73,7 @@ void pp_config_init(pp_config *cfg);
 int pp_server_new(const pp_config *cfg, pp_server **out);
 int pp_server_address(const pp_server *srv, char *host, size_t hostlen,
                       int *port);
+int pp_server_start_workers(pp_server *srv);
 int pp_server_run(pp_server *srv);
 void pp_server_stop(pp_server *srv, int force);
 int pp_server_was_forced(const pp_server *srv);

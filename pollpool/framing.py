@@ -49,11 +49,15 @@ class LengthPrefixed:
     replies get the same header."""
 
     header_bytes: int = 4
-    max_size: int = DEFAULT_MAX_SIZE
+    #: Defaults to 1 MiB, or what the header can express if that is less.
+    max_size: int = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.header_bytes not in (1, 2, 4, 8) or isinstance(self.header_bytes, bool):
             raise ValueError(f"header_bytes must be 1, 2, 4 or 8, got {self.header_bytes!r}")
+        if self.max_size is None:
+            cap = (1 << (8 * self.header_bytes)) - 1
+            object.__setattr__(self, "max_size", min(DEFAULT_MAX_SIZE, cap))
         _check_max_size(self.max_size)
         if self.header_bytes < 8 and self.max_size >= 1 << (8 * self.header_bytes):
             raise ValueError(

@@ -41,7 +41,13 @@ class _PyHandler:
         self.name = getattr(fn, "__qualname__", None) or repr(fn)
 
 
-@ffi.def_extern()
+def _batch_failed(exc_type: Any, exc: Any, tb: Any) -> None:
+    # Only a BaseException (KeyboardInterrupt, SystemExit) gets here: the
+    # callback catches every Exception itself.  The connection is closed.
+    log.error("handler interrupted; closing its connection", exc_info=(exc_type, exc, tb))
+
+
+@ffi.def_extern(error=-1, onerror=_batch_failed)
 def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int) -> int:
     # Runs on a worker thread with the GIL held, once per task (a batch of
     # messages of one connection).  Returns PP_KEEP, or -1 to close.
@@ -229,6 +235,10 @@ class Server:
             if self._state != "listening":
                 raise RuntimeError("this server has already been started; create a new one")
             self._state = "running"
+        rc = lib.pp_server_start_workers(self._srv)
+        if rc < 0:
+            self._finish()
+            raise OSError(-rc, f"cannot start worker threads: {os.strerror(-rc)}")
 
     def _run(self, signals: bool = False) -> None:
         """Runs the loop on this thread, then frees the core."""

@@ -168,3 +168,14 @@ def test_python_handler_output_differs_from_input(make_server, connect):
     srv = make_server(lambda m: m[::-1] * 2, framing="length")
     c = connect(srv, LENGTH4)
     assert c.exchange([b"abc", b"", b"xy"]) == [b"cbacba", b"", b"yxyx"]
+
+
+@pytest.mark.parametrize("header_bytes", [1, 2])
+def test_narrow_length_header_works_with_the_default_max_size(make_server, connect, header_bytes):
+    """LengthPrefixed(header_bytes=1) (and the CLI's "length:1") must be usable
+    as written: the default max_size is fitted to what the header can carry."""
+    framer = Framer("length", header_bytes=header_bytes)
+    srv = make_server(framing=pollpool.LengthPrefixed(header_bytes=header_bytes))
+    c = connect(srv, framer)
+    top = b"m" * ((1 << (8 * header_bytes)) - 1)
+    assert c.exchange([b"x", top]) == [b"x", top]

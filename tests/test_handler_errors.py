@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from conftest import LENGTH4, LINE, wait_closed, wait_for, wait_stat
+from conftest import LENGTH4, wait_closed, wait_for, wait_stat
 
 pytestmark = pytest.mark.timeout(60)
 

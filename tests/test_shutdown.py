@@ -269,6 +269,24 @@ def test_stop_without_shutdown_message_just_closes(make_server, connect):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shutdown_message", [None, b"BYE"])
+def test_graceful_stop_does_not_wait_for_idle_clients(make_server, connect, shutdown_message):
+    """Idle connections owe nothing: the drain closes them at once instead of
+    waiting out the drain timeout."""
+    srv = make_server(drain_timeout=20.0, shutdown_message=shutdown_message)
+    idle = [connect(srv) for _ in range(3)]
+    for c in idle:
+        assert c.exchange([b"hi"]) == [b"hi"]
+    started = time.monotonic()
+    stats = srv.stop()
+    took = time.monotonic() - started
+    assert took < 5.0, f"stop() took {took:.1f}s with only idle clients"
+    for c in idle:
+        assert wait_closed(c) == (b"" if shutdown_message is None else b"BYE\n")
+    assert stats["forced_closes"] == 0
+
+
 # -- the CLI ---------------------------------------------------------------
 
 

@@ -1,0 +1,668 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of pollpool against the peer servers.
+
+Starts each server as a subprocess (a fresh one per measurement), drives it
+with the C load generator (benchmarks/loadgen.c), and for every scenario and
+placement alternates the servers within each repeat, so that drift of the
+machine hits every server alike.  Records requests/s, latency percentiles,
+errors, client CPU per request (the load generator's getrusage) and server CPU
+per request (utime+stime of the whole server process from /proc/PID/stat,
+sampled by the load generator at the edges of the measured window).
+
+Writes benchmarks/results/<name>.json (every run), <name>.md (tables with the
+median and the min-max spread, ratios against the C epoll reference and
+uvloop, the targets of issue 3 marked met or not) and <name>.png (if
+matplotlib is installed).
+
+    python benchmarks/compare.py                 # everything (about 25 min)
+    python benchmarks/compare.py --quick         # 2 scenarios, 2 s x 3 repeats
+    python benchmarks/compare.py --list          # scenarios and servers
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import os
+import platform
+import select
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD = os.path.join(HERE, "build")
+PEERS = os.path.join(HERE, "peers")
+RESULTS = os.path.join(HERE, "results")
+PY = sys.executable
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+
+
+# ------------------------------------------------------------------ servers
+
+def _server_cmd(server: str, handler: str, threads: int) -> List[str]:
+    """The command line that starts `server` doing `handler` per message."""
+    if server == "epoll_c":
+        assert handler == "echo", "the C reference only echoes"
+        return [os.path.join(BUILD, "epoll_echo"), "0"]
+    if server == "pollpool_native":
+        assert handler == "echo", "the native handler only echoes"
+        return [PY, os.path.join(PEERS, "pollpool_server.py"), "--handler", "native",
+                "--threads", str(threads)]
+    if server == "pollpool_python":
+        h = "python" if handler == "echo" else handler
+        return [PY, os.path.join(PEERS, "pollpool_server.py"), "--handler", h,
+                "--threads", str(threads)]
+    if server in ("asyncio", "uvloop", "uvloop_executor"):
+        cmd = [PY, os.path.join(PEERS, "asyncio_server.py"), "--handler", handler]
+        if server != "asyncio":
+            cmd.append("--uvloop")
+        if server == "uvloop_executor":
+            cmd += ["--executor", str(threads)]
+        return cmd
+    if server in ("socketserver", "gevent"):
+        return [PY, os.path.join(PEERS, f"{server}_server.py"), "--handler", handler]
+    raise KeyError(server)
+
+
+SERVER_LABELS = {
+    "epoll_c": "C epoll (1 thread)",
+    "pollpool_native": "pollpool native echo",
+    "pollpool_python": "pollpool Python handler",
+    "asyncio": "asyncio Protocol",
+    "uvloop": "uvloop Protocol (inline)",
+    "uvloop_executor": "uvloop + run_in_executor",
+    "socketserver": "socketserver.ThreadingTCPServer",
+    "gevent": "gevent StreamServer",
+}
+SERVER_NEEDS = {"uvloop": "uvloop", "uvloop_executor": "uvloop", "gevent": "gevent"}
+ECHO_SERVERS = ["epoll_c", "pollpool_native", "pollpool_python", "asyncio", "uvloop",
+                "socketserver", "gevent"]
+
+
+# ---------------------------------------------------------------- scenarios
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    conns: int
+    depth: int
+    size: int
+    handler: str = "echo"
+    expect: str = "echo"
+    threads: int = 2                  # pollpool workers / executor threads
+    servers: List[str] = field(default_factory=lambda: list(ECHO_SERVERS))
+    placements: List[str] = field(default_factory=lambda: ["pinned", "unpinned"])
+    uvloop_ref: str = "uvloop"        # the row the "x uvloop" columns divide by
+    ideal_rps: Optional[float] = None
+
+
+SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
+    Scenario("c1_p1_64", "1 connection, pipeline 1, 64 B (latency)", 1, 1, 64),
+    Scenario("c50_p1_64", "50 connections, pipeline 1, 64 B", 50, 1, 64),
+    Scenario("c50_p16_64", "50 connections, pipeline 16, 64 B", 50, 16, 64),
+    Scenario("c50_p1_4k", "50 connections, pipeline 1, 4 KiB", 50, 1, 4096),
+    Scenario("c10_p1_1k", "10 connections, pipeline 1, 1 KiB (uvloop's published setup)",
+             10, 1, 1024),
+    Scenario("c1000_p1_64", "1,000 connections, pipeline 1, 64 B", 1000, 1, 64),
+    Scenario("blocking_1ms", "Blocking handler (time.sleep 1 ms), 100 connections, 32 threads",
+             100, 1, 64, handler="sleep1ms", threads=32,
+             servers=["pollpool_python", "uvloop_executor", "socketserver", "uvloop", "gevent"],
+             placements=["pinned"], uvloop_ref="uvloop_executor", ideal_rps=32000.0),
+    Scenario("sha256_16k", "GIL-releasing handler (sha256 of 16 KiB, hex reply), "
+             "50 connections, 2 threads", 50, 1, 16384, handler="sha256", expect="sha256",
+             threads=2, servers=["pollpool_python", "uvloop", "uvloop_executor", "socketserver"],
+             placements=["unpinned"], uvloop_ref="uvloop"),
+]}
+QUICK = ["c50_p1_64", "c50_p16_64"]
+
+
+# -------------------------------------------------------------------- build
+
+def build() -> None:
+    os.makedirs(BUILD, exist_ok=True)
+    for src, out in ((os.path.join(HERE, "loadgen.c"), "loadgen"),
+                     (os.path.join(PEERS, "epoll_echo.c"), "epoll_echo")):
+        dst = os.path.join(BUILD, out)
+        if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
+            continue
+        cmd = [os.environ.get("CC", "cc"), *CFLAGS, "-o", dst, src]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, timeout=120)
+
+
+# ------------------------------------------------------------------ running
+
+class ServerProcess:
+    """A server subprocess; `with` guarantees it is gone afterwards."""
+
+    def __init__(self, cmd: List[str], cpu: Optional[int], log_path: str) -> None:
+        self.cmd = cmd
+        self.log = open(log_path, "ab")
+        self.log.write(f"\n==== {_dt.datetime.now().isoformat()} {shlex.join(cmd)}\n".encode())
+        self.log.flush()
+        preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log,
+                                     stdin=subprocess.DEVNULL, preexec_fn=preexec)
+        try:
+            self.port = self._wait_listening(timeout=20.0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                for line in buf.decode(errors="replace").splitlines():
+                    if "listening on" in line:
+                        return int(line.rsplit(":", 1)[1])
+            elif self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"server did not start: {shlex.join(self.cmd)}: "
+                           f"exit={self.proc.poll()} stdout={buf[-300:]!r}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> Optional[int]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _machine_busy() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> dict:
+    """Waits (at most max_wait s) until the machine's busy CPU over 0.5 s is
+    below `threshold` cores: other work on a 2-core box skews every figure."""
+    start = time.monotonic()
+    while True:
+        b0 = _machine_busy()
+        time.sleep(0.5)
+        cores = (_machine_busy() - b0) / 0.5
+        waited = time.monotonic() - start
+        if cores < threshold or waited >= max_wait:
+            return {"pre_busy_cores": round(cores, 3), "waited_s": round(waited, 1)}
+
+
+def _pollpool_so() -> Optional[str]:
+    """Identifies the compiled pollpool in use (it is an editable install that
+    may be rebuilt while a long run goes on)."""
+    spec = importlib.util.find_spec("pollpool")
+    if not spec or not spec.submodule_search_locations:
+        return None
+    d = list(spec.submodule_search_locations)[0]
+    for n in sorted(os.listdir(d)):
+        if n.startswith("_native") and n.endswith(".so"):
+            st = os.stat(os.path.join(d, n))
+            return f"{n} mtime={int(st.st_mtime)} size={st.st_size}"
+    return None
+
+
+def run_one(sc: Scenario, server: str, placement: str, args, log_path: str) -> dict:
+    cmd = _server_cmd(server, sc.handler, sc.threads)
+    pinned = placement == "pinned"
+    rec = {"scenario": sc.name, "server": server, "placement": placement,
+           "server_cmd": shlex.join(cmd)}
+    if server.startswith("pollpool"):
+        rec["pollpool_so"] = _pollpool_so()
+    if args.wait_quiet > 0:
+        rec.update(wait_quiet(args.wait_quiet))
+    srv = None
+    try:
+        srv = ServerProcess(cmd, 0 if pinned else None, log_path)
+        lg = [os.path.join(BUILD, "loadgen"), "--port", str(srv.port),
+              "--conns", str(sc.conns), "--depth", str(sc.depth), "--size", str(sc.size),
+              "--expect", sc.expect, "--duration", str(args.duration),
+              "--warmup", str(args.warmup), "--grace", str(args.grace),
+              "--server-pid", str(srv.proc.pid)]
+        if pinned:
+            lg += ["--cpu", "1"]
+        rec["loadgen_cmd"] = shlex.join(lg)
+        limit = args.warmup + args.duration + args.grace + 10 + 20
+        p = subprocess.run(lg, capture_output=True, text=True, timeout=limit)
+        rec["loadgen_rc"] = p.returncode
+        if p.stderr.strip():
+            rec["loadgen_stderr"] = p.stderr.strip()[-2000:]
+        try:
+            rec.update(json.loads(p.stdout))
+            if "machine_busy_s" in rec and rec.get("server_cpu_s", -1) >= 0:
+                # CPU the machine spent beyond server + client: other processes,
+                # or softirq time not charged to either task.
+                rec["other_cores"] = round((rec["machine_busy_s"] - rec["server_cpu_s"]
+                                            - rec["client_cpu_s"]) / rec["duration_s"], 3)
+        except json.JSONDecodeError:
+            rec["failure"] = f"loadgen printed no JSON (rc={p.returncode})"
+        rec["server_alive_after"] = srv.alive()
+        if not rec["server_alive_after"]:
+            rec["failure"] = f"server exited during the run (rc={srv.proc.returncode})"
+    except subprocess.TimeoutExpired:
+        rec["failure"] = "loadgen timed out"
+    except RuntimeError as e:
+        rec["failure"] = str(e)
+    finally:
+        if srv is not None:
+            rec["server_exit"] = srv.stop()
+    return rec
+
+
+# ----------------------------------------------------------------- summary
+
+def _med(xs: List[float]) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: List[dict]) -> Dict[str, dict]:
+    """(scenario|placement|server) -> medians, spreads and totals."""
+    groups: Dict[str, List[dict]] = {}
+    for r in runs:
+        groups.setdefault(f"{r['scenario']}|{r['placement']}|{r['server']}", []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        ok = [r for r in rs if "rps" in r]
+        s = {"runs": len(rs), "failures": [r["failure"] for r in rs if "failure" in r],
+             "errors": sum(r.get("errors", 0) for r in ok),
+             "mismatches": sum(r.get("mismatches", 0) for r in ok),
+             "lost": sum(r.get("lost", 0) for r in ok),
+             "closed_early": sum(r.get("closed_early", 0) for r in ok)}
+        for f in ("rps", "p50_us", "p99_us", "p999_us", "server_cpu_us_per_req",
+                  "client_cpu_us_per_req"):
+            vals = [r[f] for r in ok if r.get(f) is not None and r.get(f, -1) >= 0]
+            s[f] = _med(vals)
+            s[f + "_min"] = min(vals) if vals else None
+            s[f + "_max"] = max(vals) if vals else None
+        busy = [r["client_cpu_s"] / r["duration_s"] for r in ok if r.get("duration_s")]
+        s["client_busy"] = _med(busy)      # fraction of one core the client used
+        sbusy = [r["server_cpu_s"] / r["duration_s"] for r in ok
+                 if r.get("duration_s") and r.get("server_cpu_s", -1) >= 0]
+        s["server_cores"] = _med(sbusy)
+        s["other_cores"] = _med([r["other_cores"] for r in ok if "other_cores" in r])
+        s["other_cores_max"] = max([r["other_cores"] for r in ok if "other_cores" in r],
+                                   default=None)
+        s["pollpool_builds"] = sorted({r["pollpool_so"] for r in rs if r.get("pollpool_so")})
+        out[key] = s
+    return out
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _f(x: Optional[float], nd: int = 1) -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{nd}f}"
+
+
+def _spread(s: dict, f: str, nd: int = 1) -> str:
+    if s.get(f) is None:
+        return "–"
+    return f"{_f(s[f], nd)} ({_f(s[f + '_min'], nd)}–{_f(s[f + '_max'], nd)})"
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    try:
+        from importlib import metadata
+        for pkg in ("pollpool", "cffi", "uvloop", "gevent", "matplotlib"):
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+    except ImportError:
+        pass
+    try:
+        cc = subprocess.run([os.environ.get("CC", "cc"), "--version"], capture_output=True,
+                            text=True, timeout=10).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        cc = "unknown"
+    try:
+        rev = subprocess.run(["git", "-C", HERE, "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        rev = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "versions": versions, "cc": cc,
+            "git": rev, "hostname_hidden": True}
+
+
+def _get(summary, sc, pl, srv):
+    return summary.get(f"{sc}|{pl}|{srv}")
+
+
+def targets(summary: Dict[str, dict]) -> List[dict]:
+    """The targets of issue 3, each with its measured ratio and met / not met."""
+    t = []
+
+    def add(what, sc, pl, srv, ref, field, op, bound, note=""):
+        a, b = _get(summary, sc, pl, srv), _get(summary, sc, pl, ref)
+        if not a or not b or a.get(field) is None or b.get(field) is None:
+            t.append({"target": what, "ratio": None, "status": "not measured", "note": note})
+            return
+        r = a[field] / b[field]
+        met = r >= bound if op == ">=" else r <= bound
+        t.append({"target": what, "ratio": r, "status": "met" if met else "NOT met",
+                  "note": note})
+
+    for sc, lo, hi in (("c50_p1_64", 0.95, 1.15), ("c50_p16_64", 0.9, 1.25)):
+        d = "pipeline 1" if "p1_" in sc else "pipeline 16"
+        add(f"native echo, {d}: req/s ≥ {lo}× C epoll", sc, "pinned", "pollpool_native",
+            "epoll_c", "rps", ">=", lo)
+        add(f"native echo, {d}: server CPU/req ≤ {hi}× C epoll", sc, "pinned",
+            "pollpool_native", "epoll_c", "server_cpu_us_per_req", "<=", hi)
+    for sc in ("c50_p1_64", "c50_p16_64"):
+        d = "pipeline 1" if "p1_" in sc else "pipeline 16"
+        add(f"Python handler, {d}: req/s ≥ 1.0× uvloop", sc, "pinned", "pollpool_python",
+            "uvloop", "rps", ">=", 1.0)
+        add(f"Python handler, {d}: server CPU/req ≤ 1.0× uvloop", sc, "pinned",
+            "pollpool_python", "uvloop", "server_cpu_us_per_req", "<=", 1.0)
+    add("blocking 1 ms, threads=32: req/s ≥ 2× uvloop run_in_executor(32)", "blocking_1ms",
+        "pinned", "pollpool_python", "uvloop_executor", "rps", ">=", 2.0,
+        "ideal 32,000/s")
+    add("blocking 1 ms, threads=32: req/s ≥ 1.5× socketserver", "blocking_1ms", "pinned",
+        "pollpool_python", "socketserver", "rps", ">=", 1.5)
+    add("sha256 16 KiB, threads=2, unpinned: req/s ≥ 1.3× uvloop inline", "sha256_16k",
+        "unpinned", "pollpool_python", "uvloop", "rps", ">=", 1.3)
+    for sc in ("c50_p1_64", "c50_p16_64"):
+        for srv in ("pollpool_native", "pollpool_python"):
+            d = "pipeline 1" if "p1_" in sc else "pipeline 16"
+            add(f"{SERVER_LABELS[srv]}, 50 conns {d}: p99 ≤ uvloop's", sc, "pinned", srv,
+                "uvloop", "p99_us", "<=", 1.0)
+    return t
+
+
+def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: List[Scenario],
+                   servers: List[str], png: Optional[str], chart_note: str) -> None:
+    m = meta["machine"]
+    L = [f"# pollpool benchmark — {meta['date']}", "",
+         f"Command: `{meta['command']}`", "",
+         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
+         f"{m['cc']}; git `{m['git']}`.", "",
+         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".", "",
+         f"Each cell: median of {meta['repeats']} runs of {meta['duration']} s "
+         f"(after {meta['warmup']} s warm-up), min–max in brackets. Servers alternate within "
+         "each repeat; each run starts a fresh server process. *pinned*: server on CPU 0, "
+         "load generator on CPU 1; *unpinned*: the scheduler places both on the 2 cores.", "",
+         "Columns: **req/s** replies completed in the window per second; **srv µs/req** "
+         "server CPU (user+sys, all threads, /proc/PID/stat) per reply; **srv cores** server "
+         "CPU seconds per wall second; **cli µs/req** load-generator CPU per reply "
+         "(**cli busy** ≥ 0.9 means the client, not the server, was the limit); latency "
+         "percentiles in µs; **err** mismatched + lost replies + early closes + connect "
+         "failures over all runs; **other cores** busy CPU of the whole machine "
+         "(/proc/stat) beyond server + client, per wall second — softirq work not charged to "
+         "either process, or other processes (⚠: some run above 0.15, treat that row with "
+         "care); **×C** and **×uv** the ratio of the medians to the C epoll "
+         "reference and to the uvloop row of the same table (req/s: higher is better; "
+         "CPU: lower is better).", ""]
+    for sc in scenarios:
+        for pl in sc.placements:
+            rows = [(s, _get(summary, sc.name, pl, s)) for s in sc.servers if s in servers]
+            rows = [(s, v) for s, v in rows if v]
+            if not rows:
+                continue
+            c = _get(summary, sc.name, pl, "epoll_c")
+            u = _get(summary, sc.name, pl, sc.uvloop_ref)
+            L += [f"## {sc.title} — {pl}", ""]
+            if sc.ideal_rps:
+                L += [f"Ideal: {sc.ideal_rps:,.0f} req/s.", ""]
+            uvname = "×uv" if sc.uvloop_ref == "uvloop" else f"×{sc.uvloop_ref}"
+            L += [f"| server | req/s | srv µs/req | srv cores | cli µs/req | cli busy | other cores | p50 µs "
+                  f"| p99 µs | p99.9 µs | err | req/s ×C | CPU ×C | req/s {uvname} "
+                  f"| CPU {uvname} |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for s, v in rows:
+                err = str(v["errors"]) + (f" ({len(v['failures'])} failed runs)"
+                                          if v["failures"] else "")
+                L.append("| " + " | ".join([
+                    SERVER_LABELS[s],
+                    _spread(v, "rps", 0),
+                    _spread(v, "server_cpu_us_per_req", 2),
+                    _f(v["server_cores"], 2),
+                    _f(v["client_cpu_us_per_req"], 2),
+                    _f(v["client_busy"], 2),
+                    _f(v["other_cores"], 2) + (" ⚠" if (v["other_cores_max"] or 0) > 0.15 else ""),
+                    _f(v["p50_us"], 0), _f(v["p99_us"], 0), _f(v["p999_us"], 0), err,
+                    _f(_ratio(v["rps"], c and c["rps"]), 2),
+                    _f(_ratio(v["server_cpu_us_per_req"], c and c["server_cpu_us_per_req"]), 2),
+                    _f(_ratio(v["rps"], u and u["rps"]), 2),
+                    _f(_ratio(v["server_cpu_us_per_req"], u and u["server_cpu_us_per_req"]), 2),
+                ]) + " |")
+            L.append("")
+    L += ["## Targets (issue 3)", "", "| target | measured ratio | status |", "|---|---:|---|"]
+    for t in meta["targets"]:
+        note = f" ({t['note']})" if t["note"] else ""
+        L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | {t['status']} |")
+    L.append("")
+    builds = sorted({b for v in summary.values() for b in v["pollpool_builds"]})
+    if len(builds) > 1:
+        L += ["**Warning:** the compiled pollpool changed during this run (editable "
+              "install rebuilt): " + "; ".join(builds), ""]
+    failures = [(k, f) for k, v in summary.items() for f in v["failures"]]
+    if failures:
+        L += ["## Failed runs", ""] + [f"- `{k}`: {f}" for k, f in failures] + [""]
+    if png:
+        L += [f"![chart]({os.path.basename(png)})", ""]
+    else:
+        L += [f"Chart: {chart_note}", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+def write_chart(path: str, summary: Dict[str, dict], scenarios: List[Scenario],
+                servers: List[str]) -> str:
+    """Returns '' on success, else why no chart was drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed (pip install -e '.[bench]'); no chart drawn."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(sc, pl) for sc in scenarios for pl in sc.placements
+              if any(_get(summary, sc.name, pl, s) for s in sc.servers)]
+    if not groups:
+        return "no data to draw."
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 2.9 * len(groups) + 0.6),
+                             squeeze=False)
+    for i, (sc, pl) in enumerate(groups):
+        names, rps, lo, hi, cpu, clo, chi = [], [], [], [], [], [], []
+        for s in sc.servers:
+            v = _get(summary, sc.name, pl, s)
+            if not v or v["rps"] is None or s not in servers:
+                continue
+            names.append(SERVER_LABELS[s].replace(" (", "\n("))
+            rps.append(v["rps"])
+            lo.append(v["rps"] - v["rps_min"])
+            hi.append(v["rps_max"] - v["rps"])
+            c = v["server_cpu_us_per_req"] or 0
+            cpu.append(c)
+            clo.append(c - (v["server_cpu_us_per_req_min"] or c))
+            chi.append((v["server_cpu_us_per_req_max"] or c) - c)
+        colors = ["#d62728" if n.startswith("pollpool") else
+                  "#7f7f7f" if n.startswith("C epoll") else "#1f77b4" for n in names]
+        ax = axes[i][0]
+        ax.barh(names, rps, xerr=[lo, hi], color=colors)
+        ax.set_title(f"{sc.title} — {pl}: requests/s", fontsize=9)
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=7)
+        if sc.ideal_rps:
+            ax.axvline(sc.ideal_rps, color="k", ls="--", lw=0.8)
+        ax = axes[i][1]
+        ax.barh(names, cpu, xerr=[clo, chi], color=colors)
+        ax.set_title("server CPU µs per request (lower is better)", fontsize=9)
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return ""
+
+
+# --------------------------------------------------------------------- main
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true",
+                   help=f"scenarios {','.join(QUICK)}, 2 s x 3 repeats, 0.5 s warm-up")
+    p.add_argument("--scenarios", help="comma-separated scenario names (see --list)")
+    p.add_argument("--servers", help="comma-separated server names (default: all available)")
+    p.add_argument("--placements", help="pinned,unpinned (default: each scenario's own)")
+    p.add_argument("--duration", type=float, help="measured seconds per run (default 5)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds per run (default 1)")
+    p.add_argument("--grace", type=float, default=3.0, help="drain grace after each run")
+    p.add_argument("--repeats", type=int, help="repeats (default 3)")
+    p.add_argument("--wait-quiet", type=float, default=10.0, metavar="SEC",
+                   help="before each run wait up to SEC s for the machine to be idle "
+                        "(default 10; 0 = don't)")
+    p.add_argument("--name", help="results file name without extension (default: the date)")
+    p.add_argument("--list", action="store_true", help="list scenarios and servers and exit")
+    args = p.parse_args(argv)
+
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name:14} {s.title}; servers: {','.join(s.servers)}; "
+                  f"placements: {','.join(s.placements)}")
+        print("servers:", ", ".join(SERVER_LABELS))
+        return 0
+    if args.quick:
+        args.duration = args.duration or 2.0
+        args.warmup = 0.5 if args.warmup is None else args.warmup
+        args.repeats = args.repeats or 3
+        names = args.scenarios.split(",") if args.scenarios else QUICK
+    else:
+        args.duration = args.duration or 5.0
+        args.warmup = 1.0 if args.warmup is None else args.warmup
+        args.repeats = args.repeats or 3
+        names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}; see --list")
+    scenarios = [SCENARIOS[n] for n in names]
+    servers = args.servers.split(",") if args.servers else list(SERVER_LABELS)
+    bad = [s for s in servers if s not in SERVER_LABELS]
+    if bad:
+        p.error(f"unknown server(s) {bad}; see --list")
+    notes = []
+    for s in list(servers):
+        mod = SERVER_NEEDS.get(s)
+        if mod and importlib.util.find_spec(mod) is None:
+            servers.remove(s)
+            notes.append(f"{s} skipped: {mod} is not installed (pip install -e '.[bench]')")
+    if args.placements:
+        for sc in scenarios:
+            sc.placements = [x for x in args.placements.split(",") if x]
+    if args.repeats < 1 or args.duration <= 0:
+        p.error("--repeats must be >= 1 and --duration > 0")
+    for n in notes:
+        print("note:", n, flush=True)
+
+    build()
+    os.makedirs(RESULTS, exist_ok=True)
+    date = _dt.datetime.now().strftime("%Y-%m-%d")
+    name = args.name or (date + ("-quick" if args.quick else ""))
+    log_path = os.path.join(BUILD, f"{name}.servers.log")
+    plan = [(sc, pl, s) for sc in scenarios for pl in sc.placements
+            for s in sc.servers if s in servers]
+    per_run = args.warmup + args.duration + 1.0
+    print(f"{len(plan)} configurations x {args.repeats} repeats, about "
+          f"{len(plan) * args.repeats * per_run / 60:.1f} min; server logs in {log_path}",
+          flush=True)
+
+    runs: List[dict] = []
+    started = time.time()
+    for rep in range(args.repeats):
+        for sc in scenarios:
+            for pl in sc.placements:
+                order = [s for s in sc.servers if s in servers]
+                k = rep % len(order) if order else 0
+                order = order[k:] + order[:k]       # alternate who goes first
+                for s in order:
+                    rec = run_one(sc, s, pl, args, log_path)
+                    rec["repeat"] = rep
+                    runs.append(rec)
+                    status = rec.get("failure") or (
+                        f"{rec['rps']:>11,.0f} req/s  srv {rec.get('server_cpu_us_per_req', -1):6.2f}"
+                        f" µs/req  cli {rec['client_cpu_us_per_req']:5.2f} µs/req  p99 "
+                        f"{rec['p99_us']:8.0f} µs  err {rec['errors']}")
+                    print(f"[{rep + 1}/{args.repeats}] {sc.name:13} {pl:8} {s:16} {status}",
+                          flush=True)
+                    if rec.get("errors") and "loadgen_stderr" in rec:
+                        print("    loadgen: " + rec["loadgen_stderr"][:600].replace("\n", "\n    "),
+                              flush=True)
+
+    summary = summarize(runs)
+    meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "command": shlex.join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
+            if argv is None else shlex.join(["python", "benchmarks/compare.py", *argv]),
+            "machine": machine_info(), "duration": args.duration, "warmup": args.warmup,
+            "repeats": args.repeats, "elapsed_s": round(time.time() - started, 1),
+            "notes": notes, "scenarios": [vars(sc) for sc in scenarios]}
+    meta["targets"] = targets(summary)
+    base = os.path.join(RESULTS, name)
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
+    chart_note = write_chart(base + ".png", summary, scenarios, servers)
+    write_markdown(base + ".md", meta, summary, scenarios, servers,
+                   None if chart_note else base + ".png", chart_note)
+    print(f"wrote {base}.json, {base}.md" + ("" if chart_note else f", {base}.png"))
+    if chart_note:
+        print("chart:", chart_note)
+    errors = sum(v["errors"] for v in summary.values())
+    failed = sum(len(v["failures"]) for v in summary.values())
+    if errors or failed:
+        print(f"WARNING: {errors} request errors, {failed} failed runs — see the tables")
+    return 1 if errors or failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

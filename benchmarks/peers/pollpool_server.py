@@ -1,0 +1,44 @@
+"""pollpool peer: pollpool.Server with a native or a Python handler.
+
+--handler native is pollpool.handlers.echo (C, no GIL); python is
+``lambda m: m``; sleep1ms and sha256 are the Python handlers the other peers
+use.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import pollpool  # noqa: E402
+
+
+def main() -> int:
+    p = common.parser(__doc__.splitlines()[0])
+    p.set_defaults(handler="native")
+    for a in p._actions:  # widen the choices of the shared --handler option
+        if a.dest == "handler":
+            a.choices = ["native", "python"] + sorted(common.HANDLERS)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--framing", default="line", help="line | length (4-byte header)")
+    args = p.parse_args()
+    common.raise_nofile()
+    if args.handler == "native":
+        handler = pollpool.handlers.echo
+    elif args.handler == "python":
+        handler = lambda m: m  # noqa: E731
+    else:
+        handler = common.HANDLERS[args.handler]
+    server = pollpool.Server(handler, host=args.host, port=args.port, threads=args.threads,
+                             framing=args.framing, backlog=args.backlog)
+    host, port = server.listen()
+    common.announce(host, port)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

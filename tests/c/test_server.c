@@ -1,0 +1,1228 @@
+/* test_server.c - the whole server through its public C entry points only
+ * (pp_server.h): real sockets on 127.0.0.1, client threads with blocking
+ * sockets and receive/send timeouts, so a bug shows up as a failed check,
+ * never as a hang.  Each test arms alarm() as a watchdog. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "pp_server.h"
+
+#define RECV_TIMEOUT_S 15
+
+static int scale_pct(void)
+{
+    const char *s = getenv("PP_TEST_SCALE");
+    int v = s ? atoi(s) : 100;
+    return v > 0 ? v : 100;
+}
+
+/* n scaled by PP_TEST_SCALE, at least lo. */
+static size_t scaled(size_t n, size_t lo)
+{
+    size_t v = n * (size_t)scale_pct() / 100;
+    return v < lo ? lo : v;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* ---- framing on the client side ---------------------------------------- */
+
+typedef struct wire {
+    int framing;               /* PP_FRAMING_* */
+    const char *delim;         /* line */
+    size_t delim_len;
+    int header_bytes;          /* length */
+} wire;
+
+static const wire LINE_LF = {PP_FRAMING_LINE, "\n", 1, 0};
+static const wire LINE_CRLF = {PP_FRAMING_LINE, "\r\n", 2, 0};
+static const wire LENGTH4 = {PP_FRAMING_LENGTH, NULL, 0, 4};
+static const wire RAW = {PP_FRAMING_RAW, NULL, 0, 0};
+
+typedef struct bytes {
+    unsigned char *p;
+    size_t n, cap;
+} bytes;
+
+static void bytes_put(bytes *b, const void *p, size_t n)
+{
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->n + n)
+            cap *= 2;
+        b->p = realloc(b->p, cap);
+        CHECK(b->p != NULL);
+        b->cap = cap;
+    }
+    if (n)
+        memcpy(b->p + b->n, p, n);
+    b->n += n;
+}
+
+static void bytes_free(bytes *b)
+{
+    free(b->p);
+    memset(b, 0, sizeof *b);
+}
+
+static void frame_put(bytes *b, const wire *w, const void *msg, size_t n)
+{
+    if (w->framing == PP_FRAMING_LENGTH) {
+        unsigned char h[8];
+        uint64_t v = n;
+        for (int i = w->header_bytes; i-- > 0; v >>= 8)
+            h[i] = (unsigned char)v;
+        bytes_put(b, h, (size_t)w->header_bytes);
+    }
+    bytes_put(b, msg, n);
+    if (w->framing == PP_FRAMING_LINE)
+        bytes_put(b, w->delim, w->delim_len);
+}
+
+static void config_for(pp_config *cfg, const wire *w)
+{
+    pp_config_init(cfg);
+    cfg->host = "127.0.0.1";
+    cfg->port = 0;
+    cfg->framing = w->framing;
+    if (w->framing == PP_FRAMING_LINE) {
+        memcpy(cfg->delimiter, w->delim, w->delim_len);
+        cfg->delimiter_len = w->delim_len;
+    }
+    if (w->framing == PP_FRAMING_LENGTH)
+        cfg->header_bytes = w->header_bytes;
+    cfg->drain_timeout = 10.0;
+}
+
+/* ---- the test handler -------------------------------------------------- */
+
+typedef struct hstate {
+    atomic_int jitter;         /* sleep a little per message, to mix up workers */
+    atomic_uint_fast64_t calls;
+    sem_t entered, gate;       /* for "block" */
+    atomic_int in_block;
+} hstate;
+
+static hstate H;
+
+static int is(const unsigned char *m, size_t n, const char *s)
+{
+    return n == strlen(s) && memcmp(m, s, n) == 0;
+}
+
+/* Uppercases the message and replies with it, written in several pieces so
+ * one reply is built from many pp_reply_write() calls.  Commands:
+ * "quit" replies "BYE" and closes, "fail" returns an error, "silent" sends
+ * no reply, "id" replies with the connection id, "block" waits for the test. */
+static int upper_handler(void *ctx, const unsigned char *msg, size_t len,
+                         pp_reply *reply)
+{
+    hstate *h = ctx;
+    atomic_fetch_add(&h->calls, 1);
+    CHECK(pp_reply_conn_id(reply) != 0);
+    if (is(msg, len, "quit"))
+        return pp_reply_write(reply, "BYE", 3) < 0 ? -1 : PP_CLOSE;
+    if (is(msg, len, "fail"))
+        return -5;
+    if (is(msg, len, "silent"))
+        return PP_KEEP;
+    if (is(msg, len, "id")) {
+        char s[32];
+        int n = snprintf(s, sizeof s, "%llu", (unsigned long long)pp_reply_conn_id(reply));
+        return pp_reply_write(reply, s, (size_t)n) < 0 ? -1 : PP_KEEP;
+    }
+    if (is(msg, len, "block")) {
+        atomic_fetch_add(&h->in_block, 1);
+        sem_post(&h->entered);
+        while (sem_wait(&h->gate) != 0)
+            CHECK(errno == EINTR);
+        atomic_fetch_sub(&h->in_block, 1);
+        return pp_reply_write(reply, "UNBLOCKED", 9) < 0 ? -1 : PP_KEEP;
+    }
+    if (atomic_load_explicit(&h->jitter, memory_order_relaxed)) {
+        uint64_t x = len;
+        for (size_t i = 0; i < len && i < 32; i++)
+            x = x * 31 + msg[i];
+        if (x % 4 == 0)
+            usleep((useconds_t)(x % 700));
+    }
+    unsigned char tmp[97];     /* odd size: pieces do not align with anything */
+    size_t off = 0;
+    if (len == 0)
+        return pp_reply_write(reply, "", 0) < 0 ? -1 : PP_KEEP;
+    while (off < len) {
+        size_t n = len - off < sizeof tmp ? len - off : sizeof tmp;
+        for (size_t i = 0; i < n; i++) {
+            unsigned char c = msg[off + i];
+            tmp[i] = c >= 'a' && c <= 'z' ? (unsigned char)(c - 32) : c;
+        }
+        if (pp_reply_write(reply, tmp, n) < 0)
+            return -1;
+        off += n;
+    }
+    return PP_KEEP;
+}
+
+static void upper_bytes(unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] >= 'a' && p[i] <= 'z')
+            p[i] = (unsigned char)(p[i] - 32);
+}
+
+/* ---- server and client helpers ---------------------------------------- */
+
+static pp_server *server_up(const pp_config *cfg, int *port)
+{
+    pp_server *srv = NULL;
+    int rc = pp_server_new(cfg, &srv);
+    CHECKF(rc == 0, "pp_server_new: %s", strerror(-rc));
+    CHECK(srv != NULL);
+    char host[64];
+    CHECK_EQ(pp_server_address(srv, host, sizeof host, port), 0);
+    CHECKF(strcmp(host, "127.0.0.1") == 0, "address %s", host);
+    CHECK(*port > 0 && *port < 65536);
+    CHECK_EQ(pp_server_start(srv), 0);
+    return srv;
+}
+
+/* Graceful stop, join, and the counters as they ended. */
+static void server_down(pp_server *srv, pp_stats *st)
+{
+    pp_server_stop(srv, 0);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECK(pp_server_done(srv));
+    CHECK(!pp_server_was_forced(srv));
+    pp_server_stats(srv, st);
+    CHECK_EQ(st->active, 0);
+    CHECK_EQ(st->accepted, st->closed);
+    pp_server_free(srv);
+}
+
+static void set_timeouts(int fd, int rcv_ms, int snd_ms)
+{
+    struct timeval tv = {rcv_ms / 1000, (rcv_ms % 1000) * 1000};
+    CHECK(setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0);
+    struct timeval tv2 = {snd_ms / 1000, (snd_ms % 1000) * 1000};
+    CHECK(setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv2, sizeof tv2) == 0);
+}
+
+/* bufsize > 0 sets SO_RCVBUF and SO_SNDBUF before connecting, so the
+ * window the peer sees is small from the start. */
+static int client_connect_buf(int port, int bufsize)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECKF(fd >= 0, "socket: %s", strerror(errno));
+    if (bufsize > 0) {
+        CHECK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufsize, sizeof bufsize) == 0);
+        CHECK(setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof bufsize) == 0);
+    }
+    set_timeouts(fd, RECV_TIMEOUT_S * 1000, RECV_TIMEOUT_S * 1000);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECKF(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect: %s",
+           strerror(errno));
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    return fd;
+}
+
+static int client_connect(int port)
+{
+    return client_connect_buf(port, 0);
+}
+
+static void send_all(int fd, const void *p, size_t n)
+{
+    const unsigned char *c = p;
+    while (n > 0) {
+        ssize_t k = send(fd, c, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR)
+            continue;
+        CHECKF(k > 0, "send: %s", k < 0 ? strerror(errno) : "0");
+        c += k;
+        n -= (size_t)k;
+    }
+}
+
+static void send_str(int fd, const wire *w, const char *s)
+{
+    bytes b = {0};
+    frame_put(&b, w, s, strlen(s));
+    send_all(fd, b.p, b.n);
+    bytes_free(&b);
+}
+
+/* Reads exactly n bytes; fails the test on timeout, error or early EOF. */
+static void recv_exact(int fd, void *p, size_t n)
+{
+    unsigned char *c = p;
+    while (n > 0) {
+        ssize_t k = recv(fd, c, n, 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        CHECKF(k > 0, "recv with %zu bytes to go: %s", n,
+               k < 0 ? strerror(errno) : "EOF");
+        c += k;
+        n -= (size_t)k;
+    }
+}
+
+/* Reads one framed reply and compares it with want. */
+static void expect_reply(int fd, const wire *w, const char *want)
+{
+    bytes b = {0};
+    frame_put(&b, w, want, strlen(want));
+    unsigned char *got = malloc(b.n);
+    CHECK(got);
+    recv_exact(fd, got, b.n);
+    CHECKF(memcmp(got, b.p, b.n) == 0, "reply differs from \"%s\": \"%.*s\"", want,
+           (int)b.n, (const char *)got);
+    free(got);
+    bytes_free(&b);
+}
+
+/* The peer closed its side: recv() returns 0 (not a timeout).  A reset
+ * after all expected bytes arrived would also be an orderly-enough close,
+ * but the server lingers precisely so that it is not one. */
+static void expect_eof(int fd)
+{
+    unsigned char c;
+    ssize_t k;
+    do
+        k = recv(fd, &c, 1, 0);
+    while (k < 0 && errno == EINTR);
+    CHECKF(k == 0, "expected EOF, got %s",
+           k > 0 ? "data" : strerror(errno));
+}
+
+/* Nothing arrives within ms milliseconds. */
+static void expect_silence(int fd, int ms)
+{
+    set_timeouts(fd, ms, RECV_TIMEOUT_S * 1000);
+    unsigned char c;
+    ssize_t k = recv(fd, &c, 1, 0);
+    CHECKF(k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK),
+           "expected nothing, got %s", k > 0 ? "data" : k == 0 ? "EOF" : strerror(errno));
+    set_timeouts(fd, RECV_TIMEOUT_S * 1000, RECV_TIMEOUT_S * 1000);
+}
+
+/* ---- pipelining clients ------------------------------------------------ */
+
+/* One client: a writer thread sends the framed requests in random pieces
+ * while the reader reads the replies in random pieces and compares every
+ * byte with what it expects. */
+typedef struct session {
+    int port;
+    const wire *w;
+    size_t nmsg;
+    size_t min_len, max_len;
+    int upper;                 /* handler uppercases */
+    int half_close;            /* shutdown(SHUT_WR) after the last request, expect EOF */
+    int max_piece;             /* largest write */
+    uint64_t seed;
+    int id;
+    /* filled in */
+    bytes out, expect;
+    int fd;
+} session;
+
+static void session_build(session *s)
+{
+    uint64_t rng = s->seed;
+    unsigned char *msg = malloc(s->max_len + 64);
+    CHECK(msg);
+    static const char alpha[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_";
+    for (size_t i = 0; i < s->nmsg; i++) {
+        /* Numbered, so a reordered or lost reply names itself. */
+        int hn = snprintf((char *)msg, 64, "c%d-m%zu:", s->id, i);
+        size_t len = (size_t)check_range(&rng, s->min_len, s->max_len);
+        if (len < (size_t)hn)
+            len = (size_t)hn;
+        for (size_t j = (size_t)hn; j < len; j++) {
+            if (s->w->framing == PP_FRAMING_LINE)
+                msg[j] = (unsigned char)alpha[check_rand(&rng) % 64];
+            else
+                msg[j] = (unsigned char)check_rand(&rng);
+        }
+        if (s->w->framing == PP_FRAMING_RAW) {
+            bytes_put(&s->out, msg, len);
+        } else {
+            frame_put(&s->out, s->w, msg, len);
+            if (s->upper)
+                upper_bytes(msg, len);
+            frame_put(&s->expect, s->w, msg, len);
+        }
+    }
+    if (s->w->framing == PP_FRAMING_RAW) {
+        /* Raw: the reply stream is the request stream, transformed. */
+        bytes_put(&s->expect, s->out.p, s->out.n);
+        if (s->upper)
+            upper_bytes(s->expect.p, s->expect.n);
+    }
+    free(msg);
+}
+
+static void *session_writer(void *arg)
+{
+    session *s = arg;
+    uint64_t rng = s->seed ^ 0xabcdef;
+    size_t off = 0;
+    while (off < s->out.n) {
+        size_t piece = (size_t)check_range(&rng, 1, (uint64_t)s->max_piece);
+        if (check_rand(&rng) % 8 == 0)
+            piece = 1;          /* single bytes split frames everywhere */
+        if (piece > s->out.n - off)
+            piece = s->out.n - off;
+        send_all(s->fd, s->out.p + off, piece);
+        off += piece;
+    }
+    if (s->half_close)
+        CHECK(shutdown(s->fd, SHUT_WR) == 0);
+    return NULL;
+}
+
+static void session_read(session *s)
+{
+    uint64_t rng = s->seed ^ 0x1234;
+    unsigned char *got = malloc(s->expect.n ? s->expect.n : 1);
+    CHECK(got);
+    size_t off = 0;
+    while (off < s->expect.n) {
+        size_t want = (size_t)check_range(&rng, 1, 20000);
+        if (want > s->expect.n - off)
+            want = s->expect.n - off;
+        ssize_t k = recv(s->fd, got + off, want, 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        CHECKF(k > 0, "client %d: recv at %zu of %zu: %s", s->id, off, s->expect.n,
+               k < 0 ? strerror(errno) : "EOF");
+        CHECKF(memcmp(got + off, s->expect.p + off, (size_t)k) == 0,
+               "client %d: reply bytes differ near offset %zu of %zu", s->id, off,
+               s->expect.n);
+        off += (size_t)k;
+    }
+    free(got);
+}
+
+static void *session_main(void *arg)
+{
+    session *s = arg;
+    s->fd = client_connect(s->port);
+    pthread_t wt;
+    CHECK(pthread_create(&wt, NULL, session_writer, s) == 0);
+    session_read(s);
+    CHECK(pthread_join(wt, NULL) == 0);
+    if (s->half_close)
+        expect_eof(s->fd);
+    close(s->fd);
+    return NULL;
+}
+
+/* Runs n sessions at once and waits for them. */
+static void run_sessions(session *ss, size_t n)
+{
+    pthread_t *t = calloc(n, sizeof *t);
+    CHECK(t);
+    for (size_t i = 0; i < n; i++) {
+        session_build(&ss[i]);
+        CHECK(pthread_create(&t[i], NULL, session_main, &ss[i]) == 0);
+    }
+    for (size_t i = 0; i < n; i++)
+        CHECK(pthread_join(t[i], NULL) == 0);
+    free(t);
+}
+
+static void sessions_free(session *ss, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        bytes_free(&ss[i].out);
+        bytes_free(&ss[i].expect);
+    }
+}
+
+static void wait_active(pp_server *srv, uint64_t n)
+{
+    int64_t until = now_ms() + 10000;
+    pp_stats st;
+    for (;;) {
+        pp_server_stats(srv, &st);
+        if (st.active == n)
+            return;
+        CHECKF(now_ms() < until, "active stays %llu, expected %llu",
+               (unsigned long long)st.active, (unsigned long long)n);
+        sleep_ms(2);
+    }
+}
+
+/* ---- tests ------------------------------------------------------------- */
+
+static void test_config_validation(void)
+{
+    alarm(60);
+    pp_config cfg;
+    pp_server *srv = (pp_server *)0x1;
+    config_for(&cfg, &LINE_LF);
+    cfg.threads = 0;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.delimiter_len = 0;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LENGTH4);
+    cfg.header_bytes = 3;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.max_message_size = 0;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.handler = NULL;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.port = 70000;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    CHECK(srv == (pp_server *)0x1);            /* untouched on failure */
+
+    /* A port in use is the bind errno. */
+    config_for(&cfg, &LINE_LF);
+    pp_server *a = NULL, *b = NULL;
+    CHECK_EQ(pp_server_new(&cfg, &a), 0);
+    char host[64];
+    int port;
+    CHECK_EQ(pp_server_address(a, host, sizeof host, &port), 0);
+    cfg.port = port;
+    CHECK_EQ(pp_server_new(&cfg, &b), -EADDRINUSE);
+    /* Created but never run: frees cleanly, and the port is free again. */
+    pp_server_free(a);
+    CHECK_EQ(pp_server_new(&cfg, &b), 0);
+    pp_server_free(b);
+}
+
+/* Several clients pipeline numbered messages of random sizes in random
+ * pieces; every reply comes back byte-exact and in order, in every framing,
+ * with the echo handler and with a handler that builds its reply from many
+ * writes and sleeps at random so workers finish out of order. */
+static void test_pipelined_order(const wire *w, int upper)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, w);
+    cfg.threads = 4;
+    if (upper) {
+        cfg.handler = upper_handler;
+        cfg.ctx = &H;
+        atomic_store(&H.jitter, 1);
+    }
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    enum { NCLIENT = 4 };
+    session ss[NCLIENT];
+    size_t nmsg = scaled(1000, 100);
+    for (int i = 0; i < NCLIENT; i++)
+        ss[i] = (session){.port = port, .w = w, .nmsg = nmsg, .min_len = 0,
+                          .max_len = i == 0 ? 3000 : 60, .upper = upper,
+                          .max_piece = i == 1 ? 7 : 4096,
+                          .seed = 1000 + (uint64_t)i, .id = i};
+    run_sessions(ss, NCLIENT);
+    atomic_store(&H.jitter, 0);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, NCLIENT);
+    CHECK_EQ(st.closed, NCLIENT);
+    uint64_t bytes = 0;
+    for (int i = 0; i < NCLIENT; i++)
+        bytes += ss[i].out.n;
+    CHECK_EQ(st.bytes_in, bytes);
+    if (w->framing != PP_FRAMING_RAW) {
+        CHECK_EQ(st.messages, NCLIENT * nmsg);
+        CHECK_EQ(st.replies, NCLIENT * nmsg);
+        uint64_t outn = 0;
+        for (int i = 0; i < NCLIENT; i++)
+            outn += ss[i].expect.n;
+        CHECK_EQ(st.bytes_out, outn);
+    } else {
+        CHECK(st.messages >= NCLIENT);
+        CHECK_EQ(st.replies, st.messages);
+        CHECK_EQ(st.bytes_out, bytes);
+    }
+    CHECK_EQ(st.oversize_frames, 0);
+    CHECK_EQ(st.handler_errors, 0);
+    CHECK_EQ(st.read_errors + st.write_errors + st.nomem_errors, 0);
+    sessions_free(ss, NCLIENT);
+}
+
+/* The peer sends 1000 messages, shuts its write side, and still gets all
+ * 1000 replies and then an orderly EOF. */
+static void test_half_close(const wire *w)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, w);
+    cfg.threads = 3;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    session s = {.port = port, .w = w, .nmsg = 1000, .min_len = 1, .max_len = 40,
+                 .half_close = 1, .max_piece = 512, .seed = 77, .id = 0};
+    run_sessions(&s, 1);
+    /* And once more where everything, EOF included, arrives in one burst. */
+    session s2 = {.port = port, .w = w, .nmsg = 1000, .min_len = 1, .max_len = 40,
+                  .half_close = 1, .max_piece = 1 << 20, .seed = 78, .id = 1};
+    run_sessions(&s2, 1);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, 2);
+    CHECK_EQ(st.messages, 2000);
+    CHECK_EQ(st.replies, 2000);
+    sessions_free(&s, 1);
+    sessions_free(&s2, 1);
+}
+
+/* PP_CLOSE: the reply is sent, then the connection closes; messages after
+ * "quit" are not handled.  An error return closes only its connection and
+ * is counted; "silent" sends nothing; connection ids are unique and stable. */
+static void test_handler_close_and_errors(const wire *w)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, w);
+    cfg.threads = 2;
+    cfg.handler = upper_handler;
+    cfg.ctx = &H;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    uint64_t calls0 = atomic_load(&H.calls);
+
+    int a = client_connect(port), b = client_connect(port), c = client_connect(port);
+    /* Pipelined in one write: quit's reply comes, then EOF, and "after" is
+     * never handled. */
+    bytes req = {0};
+    frame_put(&req, w, "one", 3);
+    frame_put(&req, w, "silent", 6);
+    frame_put(&req, w, "two", 3);
+    frame_put(&req, w, "quit", 4);
+    frame_put(&req, w, "after", 5);
+    send_all(a, req.p, req.n);
+    bytes_free(&req);
+    expect_reply(a, w, "ONE");
+    expect_reply(a, w, "TWO");
+    expect_reply(a, w, "BYE");
+    expect_eof(a);
+    close(a);
+
+    /* The error closes b after the replies before it. */
+    send_str(b, w, "x");
+    send_str(b, w, "fail");
+    expect_reply(b, w, "X");
+    expect_eof(b);
+    close(b);
+
+    /* c is unaffected by both; its id is the same for every message and
+     * differs from a fresh connection's. */
+    send_str(c, w, "id");
+    char id1[32] = {0}, id2[32] = {0}, id3[32] = {0};
+    unsigned char hdr[4];
+    size_t n;
+    if (w->framing == PP_FRAMING_LENGTH) {
+        recv_exact(c, hdr, 4);
+        n = (size_t)hdr[2] << 8 | hdr[3];
+        CHECK(n > 0 && n < 32);
+        recv_exact(c, id1, n);
+        send_str(c, w, "id");
+        recv_exact(c, hdr, 4);
+        CHECK_EQ((size_t)hdr[2] << 8 | hdr[3], n);
+        recv_exact(c, id2, n);
+    } else {
+        /* Read up to the delimiter byte by byte. */
+        for (n = 0; n < 31; n++) {
+            recv_exact(c, &id1[n], 1);
+            if (id1[n] == w->delim[w->delim_len - 1])
+                break;
+        }
+        id1[n + 1 - w->delim_len] = 0;
+        send_str(c, w, "id");
+        expect_reply(c, w, id1);
+        strcpy(id2, id1);
+    }
+    CHECK(strcmp(id1, id2) == 0);
+    CHECK(strtoull(id1, NULL, 10) != 0);
+    int d = client_connect(port);
+    send_str(d, w, "id");
+    if (w->framing == PP_FRAMING_LENGTH) {
+        recv_exact(d, hdr, 4);
+        n = (size_t)hdr[2] << 8 | hdr[3];
+        CHECK(n > 0 && n < 32);
+        recv_exact(d, id3, n);
+    } else {
+        for (n = 0; n < 31; n++) {
+            recv_exact(d, &id3[n], 1);
+            if (id3[n] == w->delim[w->delim_len - 1])
+                break;
+        }
+        id3[n + 1 - w->delim_len] = 0;
+    }
+    CHECK(strcmp(id1, id3) != 0);
+    send_str(c, w, "still here");
+    expect_reply(c, w, "STILL HERE");
+    close(c);
+    close(d);
+
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, 4);
+    CHECK_EQ(st.handler_errors, 1);
+    /* a: one silent two quit; b: x fail; c: id id "still here"; d: id */
+    CHECK_EQ(st.messages, 4 + 2 + 3 + 1);
+    CHECK_EQ(atomic_load(&H.calls) - calls0, 10);
+    CHECK_EQ(st.replies, 3 + 1 + 3 + 1);
+}
+
+/* A frame over max_message_size closes its connection only (after the
+ * replies to the frames before it) and is counted. */
+static void test_oversize_line(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.max_message_size = 100;
+    cfg.threads = 2;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int good = client_connect(port), bad = client_connect(port);
+    send_str(good, &LINE_LF, "before");
+    expect_reply(good, &LINE_LF, "before");
+
+    char line[101];
+    memset(line, 'L', 100);
+    line[100] = 0;
+    send_str(bad, &LINE_LF, "ok");
+    send_str(bad, &LINE_LF, line);              /* exactly max: fine */
+    char big[300];
+    memset(big, 'B', sizeof big);
+    send_all(bad, big, sizeof big);             /* no delimiter, too long */
+    expect_reply(bad, &LINE_LF, "ok");
+    expect_reply(bad, &LINE_LF, line);
+    expect_eof(bad);
+    close(bad);
+
+    send_str(good, &LINE_LF, "after");
+    expect_reply(good, &LINE_LF, "after");
+    close(good);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.oversize_frames, 1);
+    CHECK_EQ(st.accepted, 2);
+    CHECK_EQ(st.messages, 4);
+}
+
+/* A length header announcing 4 GiB (4-byte header) or 2^63 (8-byte header)
+ * is refused from the header alone: the connection closes at once, without
+ * waiting for a body that will never come and without allocating it. */
+static void test_oversize_length_header(int hb)
+{
+    alarm(60);
+    wire w = {PP_FRAMING_LENGTH, NULL, 0, hb};
+    pp_config cfg;
+    config_for(&cfg, &w);
+    cfg.threads = 2;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int good = client_connect(port), bad = client_connect(port);
+    send_str(good, &w, "hello");
+    unsigned char h[8];
+    if (hb == 4)
+        memset(h, 0xff, 4);
+    else {
+        memset(h, 0, 8);
+        h[0] = 0x80;
+    }
+    int64_t t0 = now_ms();
+    send_all(bad, h, (size_t)hb);
+    expect_eof(bad);
+    CHECKF(now_ms() - t0 < 5000, "took %lld ms", (long long)(now_ms() - t0));
+    close(bad);
+    expect_reply(good, &w, "hello");
+    close(good);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.oversize_frames, 1);
+    CHECK_EQ(st.messages, 1);
+}
+
+/* The shutdown message arrives framed, after the replies to everything sent
+ * before the stop, and then EOF. */
+static void test_shutdown_message(const wire *w)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, w);
+    cfg.threads = 3;
+    static const unsigned char bye[] = "server going down";
+    cfg.shutdown_message = bye;
+    cfg.shutdown_message_len = sizeof bye - 1;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    enum { N = 3, PIPE = 200 };
+    int fd[N];
+    for (int i = 0; i < N; i++) {
+        fd[i] = client_connect(port);
+        send_str(fd[i], w, "warm up");
+        expect_reply(fd[i], w, "warm up");
+    }
+    /* Client 0 leaves PIPE requests unanswered in flight when the stop
+     * comes; the others are idle. */
+    bytes req = {0}, want = {0};
+    for (int i = 0; i < PIPE; i++) {
+        char m[32];
+        int n = snprintf(m, sizeof m, "pending %d", i);
+        frame_put(&req, w, m, (size_t)n);
+        frame_put(&want, w, m, (size_t)n);
+    }
+    send_all(fd[0], req.p, req.n);
+    pp_server_stop(srv, 0);
+    unsigned char *got = malloc(want.n);
+    CHECK(got);
+    recv_exact(fd[0], got, want.n);
+    CHECK(memcmp(got, want.p, want.n) == 0);
+    free(got);
+    for (int i = 0; i < N; i++) {
+        expect_reply(fd[i], w, (const char *)bye);
+        expect_eof(fd[i]);
+        close(fd[i]);
+    }
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECK(!pp_server_was_forced(srv));
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.accepted, N);
+    CHECK_EQ(st.closed, N);
+    CHECK_EQ(st.messages, N + PIPE);
+    CHECK_EQ(st.replies, N + PIPE);
+    pp_server_free(srv);
+    bytes_free(&req);
+    bytes_free(&want);
+
+    /* Nobody can connect once the server is gone. */
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(connect(s, (struct sockaddr *)&sa, sizeof sa) < 0 && errno == ECONNREFUSED);
+    close(s);
+}
+
+/* A graceful stop with idle connections and no shutdown message just closes
+ * them; the listener is gone at once. */
+static void test_stop_closes_idle(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    send_str(a, &LINE_LF, "hi");
+    expect_reply(a, &LINE_LF, "hi");
+    int64_t t0 = now_ms();
+    pp_server_stop(srv, 0);
+    expect_eof(a);
+    close(a);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECKF(now_ms() - t0 < 5000, "stop took %lld ms", (long long)(now_ms() - t0));
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.closed, 1);
+    pp_server_free(srv);
+    /* Stopping a server that never started, and twice, is harmless. */
+    pp_server *s2 = NULL;
+    config_for(&cfg, &LINE_LF);
+    CHECK_EQ(pp_server_new(&cfg, &s2), 0);
+    pp_server_stop(s2, 0);
+    pp_server_stop(s2, 1);
+    pp_server_free(s2);
+}
+
+/* A forced stop while handlers are stuck: join returns promptly, the run is
+ * marked forced, pp_server_free() leaves the stuck workers what they use,
+ * and the last of them frees it when the handlers finally return (LSan and
+ * valgrind check that nothing leaks; ASan/TSan that nothing is used after
+ * being freed). */
+static void test_forced_stop_with_stuck_handlers(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.threads = 4;
+    cfg.handler = upper_handler;
+    cfg.ctx = &H;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    enum { NSTUCK = 2 };
+    int fd[NSTUCK];
+    for (int i = 0; i < NSTUCK; i++) {
+        fd[i] = client_connect(port);
+        send_str(fd[i], &LINE_LF, "block");
+    }
+    for (int i = 0; i < NSTUCK; i++) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 10;
+        CHECK(sem_timedwait(&H.entered, &ts) == 0);
+    }
+    int other = client_connect(port);
+    send_str(other, &LINE_LF, "ping");
+    expect_reply(other, &LINE_LF, "PING");
+
+    int64_t t0 = now_ms();
+    pp_server_stop(srv, 1);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECKF(now_ms() - t0 < 5000, "forced stop took %lld ms", (long long)(now_ms() - t0));
+    CHECK(pp_server_was_forced(srv));
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.accepted, NSTUCK + 1);
+    CHECK(st.forced_closes >= 1);
+    pp_server_free(srv);
+    /* The clients see their connections end (EOF or reset), not a hang. */
+    for (int i = 0; i < NSTUCK; i++) {
+        char c;
+        ssize_t k = recv(fd[i], &c, 1, 0);
+        CHECKF(k == 0 || (k < 0 && errno == ECONNRESET), "stuck client %d: %zd %s", i,
+               k, strerror(errno));
+    }
+    char c;
+    ssize_t k = recv(other, &c, 1, 0);
+    CHECK(k == 0 || (k < 0 && errno == ECONNRESET));
+    CHECK_EQ(atomic_load(&H.in_block), NSTUCK);
+    /* Release both at once: the workers race to be the last one out. */
+    for (int i = 0; i < NSTUCK; i++)
+        sem_post(&H.gate);
+    int64_t until = now_ms() + 10000;
+    while (atomic_load(&H.in_block) > 0) {
+        CHECK(now_ms() < until);
+        sleep_ms(1);
+    }
+    sleep_ms(300);                 /* let the orphaned workers finish freeing */
+    for (int i = 0; i < NSTUCK; i++)
+        close(fd[i]);
+    close(other);
+}
+
+/* A client that sends without ever reading cannot make the server buffer
+ * without bound: once its replies pile up, the server stops reading it, so
+ * the client's sends stall after a bounded amount.  Other clients carry on. */
+static void test_nonreader_is_bounded(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.threads = 2;
+    cfg.max_message_size = 64 * 1024;
+    cfg.output_high_water = 256 * 1024;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int hog = client_connect_buf(port, 4096);
+    set_timeouts(hog, 500, 500);
+    /* What the kernel may legitimately absorb: the server's receive buffer
+     * can autotune up to tcp_rmem's maximum.  Past that, it is the server. */
+    size_t chunk = 64 * 1024, sent = 0, limit = (size_t)32 << 20;
+    FILE *f = fopen("/proc/sys/net/ipv4/tcp_rmem", "r");
+    unsigned long rmin, rdef, rmax;
+    if (f && fscanf(f, "%lu %lu %lu", &rmin, &rdef, &rmax) == 3)
+        limit += rmax;
+    else
+        limit += (size_t)32 << 20;
+    if (f)
+        fclose(f);
+    char *buf = malloc(chunk);
+    CHECK(buf);
+    for (size_t i = 0; i < chunk; i++)
+        buf[i] = i % 128 == 127 ? '\n' : 'h';
+    for (;;) {
+        ssize_t k = send(hog, buf, chunk, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            CHECKF(errno == EAGAIN || errno == EWOULDBLOCK, "send: %s", strerror(errno));
+            break;
+        }
+        sent += (size_t)k;
+        CHECKF(sent < limit, "server kept reading a client that never reads: %zu bytes",
+               sent);
+    }
+    free(buf);
+    printf("  non-reader stalled after %zu KiB\n", sent >> 10);
+    /* The server still serves others while the hog is stalled. */
+    int ok = client_connect(port);
+    send_str(ok, &LINE_LF, "alive");
+    expect_reply(ok, &LINE_LF, "alive");
+    close(ok);
+    close(hog);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, 2);
+}
+
+/* A peer that resets while replies are being written costs only its own
+ * connection. */
+static void test_peer_reset(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.threads = 4;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    bytes req = {0};
+    char line[2000];
+    memset(line, 'r', sizeof line);
+    for (int i = 0; i < 300; i++)
+        frame_put(&req, &LINE_LF, line, sizeof line);
+    for (int round = 0; round < 10; round++) {
+        int fd = client_connect(port);
+        send_all(fd, req.p, req.n);
+        if (round % 2) {
+            char c;
+            recv_exact(fd, &c, 1);
+        }
+        struct linger lg = {1, 0};          /* close() sends RST */
+        CHECK(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) == 0);
+        close(fd);
+    }
+    bytes_free(&req);
+    int ok = client_connect(port);
+    send_str(ok, &LINE_LF, "survived");
+    expect_reply(ok, &LINE_LF, "survived");
+    close(ok);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, 11);
+}
+
+/* max_connections: the next client waits in the backlog until one closes. */
+static void test_max_connections(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.max_connections = 2;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port), b = client_connect(port);
+    send_str(a, &LINE_LF, "a");
+    expect_reply(a, &LINE_LF, "a");
+    send_str(b, &LINE_LF, "b");
+    expect_reply(b, &LINE_LF, "b");
+    int c = client_connect(port);                 /* completes in the backlog */
+    send_str(c, &LINE_LF, "c");
+    expect_silence(c, 300);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.accepted, 2);
+    CHECK(st.accept_paused >= 1);
+    close(a);
+    expect_reply(c, &LINE_LF, "c");
+    close(b);
+    close(c);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, 3);
+}
+
+/* Out of file descriptors (as libuv's test-emfile): accept() fails with
+ * EMFILE; the server must not spin on the still-readable listener, and must
+ * accept the waiting client once descriptors are free again. */
+static void test_emfile(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.threads = 2;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int first = client_connect(port);
+    send_str(first, &LINE_LF, "first");
+    expect_reply(first, &LINE_LF, "first");
+
+    struct rlimit old;
+    CHECK(getrlimit(RLIMIT_NOFILE, &old) == 0);
+    /* Fill the table, leaving exactly one descriptor for the client socket. */
+    int fds[4096], nfds = 0;
+    int probe = dup(0);
+    CHECK(probe >= 0);
+    close(probe);
+    struct rlimit lim = old;
+    lim.rlim_cur = (rlim_t)probe + 40;
+    CHECK(lim.rlim_cur <= old.rlim_max);
+    CHECK(setrlimit(RLIMIT_NOFILE, &lim) == 0);
+    int fd;
+    while (nfds < 4096 && (fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0)
+        fds[nfds++] = fd;
+    CHECK(errno == EMFILE);
+    close(fds[--nfds]);
+    int c = client_connect(port);                 /* takes the last descriptor */
+    send_str(c, &LINE_LF, "waiting");
+
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
+    int64_t t0 = now_ms();
+    sleep_ms(800);
+    getrusage(RUSAGE_SELF, &r1);
+    int64_t wall = now_ms() - t0;
+    int64_t cpu = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) * 1000 +
+                  (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) / 1000 +
+                  (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1000 +
+                  (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1000;
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECKF(st.accept_errors >= 1, "accept never failed (%llu accepted)",
+           (unsigned long long)st.accepted);
+    CHECK(st.accept_paused >= 1);
+    CHECKF(cpu * 2 < wall, "the server spins at EMFILE: %lld ms CPU in %lld ms",
+           (long long)cpu, (long long)wall);
+
+    for (int i = 0; i < nfds; i++)
+        close(fds[i]);
+    CHECK(setrlimit(RLIMIT_NOFILE, &old) == 0);
+    expect_reply(c, &LINE_LF, "waiting");
+    send_str(first, &LINE_LF, "still");
+    expect_reply(first, &LINE_LF, "still");
+    close(c);
+    close(first);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, 2);
+}
+
+/* 16 clients, messages of 1..8 KiB in random pieces, 4 workers, and several
+ * rounds of new/start/stop/free. */
+static void test_stress(void)
+{
+    enum { NCLIENT = 16 };
+    const wire *ws[] = {&LINE_LF, &LENGTH4, &LINE_CRLF, &RAW};
+    size_t nmsg = scaled(150, 12);
+    for (int round = 0; round < 4; round++) {
+        alarm(90);
+        const wire *w = ws[round % 4];
+        pp_config cfg;
+        config_for(&cfg, w);
+        cfg.threads = 4;
+        cfg.queue_size = round == 1 ? 2 : 0;   /* a tiny queue fills up */
+        if (round >= 2) {
+            cfg.handler = upper_handler;
+            cfg.ctx = &H;
+        }
+        int port;
+        pp_server *srv = server_up(&cfg, &port);
+        session ss[NCLIENT];
+        for (int i = 0; i < NCLIENT; i++)
+            ss[i] = (session){.port = port, .w = w, .nmsg = nmsg, .min_len = 1,
+                              .max_len = 8192, .upper = round >= 2,
+                              .half_close = i % 4 == 0,
+                              .max_piece = i % 3 == 0 ? 100 : 16384,
+                              .seed = (uint64_t)round * 100 + (uint64_t)i, .id = i};
+        int64_t t0 = now_ms();
+        run_sessions(ss, NCLIENT);
+        pp_stats st;
+        wait_active(srv, 0);
+        server_down(srv, &st);
+        CHECK_EQ(st.accepted, NCLIENT);
+        if (w->framing != PP_FRAMING_RAW) {
+            CHECK_EQ(st.messages, NCLIENT * nmsg);
+            CHECK_EQ(st.replies, NCLIENT * nmsg);
+        }
+        uint64_t in = 0;
+        for (int i = 0; i < NCLIENT; i++)
+            in += ss[i].out.n;
+        CHECK_EQ(st.bytes_in, in);
+        printf("  stress round %d: %llu messages, %llu bytes in, %lld ms\n", round,
+               (unsigned long long)st.messages, (unsigned long long)in,
+               (long long)(now_ms() - t0));
+        sessions_free(ss, NCLIENT);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    CHECK(sem_init(&H.entered, 0, 0) == 0);
+    CHECK(sem_init(&H.gate, 0, 0) == 0);
+    const char *only = argc > 1 ? argv[1] : NULL;
+#define RUN(name, call)                                                       \
+    do {                                                                      \
+        if (only == NULL || strstr(name, only) != NULL) {                     \
+            int64_t t0_ = now_ms();                                           \
+            call;                                                             \
+            printf("  %-32s %6lld ms\n", name, (long long)(now_ms() - t0_));   \
+            fflush(stdout);                                                   \
+        }                                                                     \
+    } while (0)
+    RUN("config_validation", test_config_validation());
+    RUN("order_line_lf_echo", test_pipelined_order(&LINE_LF, 0));
+    RUN("order_line_crlf_echo", test_pipelined_order(&LINE_CRLF, 0));
+    RUN("order_length4_echo", test_pipelined_order(&LENGTH4, 0));
+    RUN("order_raw_echo", test_pipelined_order(&RAW, 0));
+    RUN("order_line_lf_upper", test_pipelined_order(&LINE_LF, 1));
+    RUN("order_line_crlf_upper", test_pipelined_order(&LINE_CRLF, 1));
+    RUN("order_length4_upper", test_pipelined_order(&LENGTH4, 1));
+    RUN("order_raw_upper", test_pipelined_order(&RAW, 1));
+    RUN("half_close_line", test_half_close(&LINE_LF));
+    RUN("half_close_length", test_half_close(&LENGTH4));
+    RUN("handler_close_line", test_handler_close_and_errors(&LINE_LF));
+    RUN("handler_close_crlf", test_handler_close_and_errors(&LINE_CRLF));
+    RUN("handler_close_length", test_handler_close_and_errors(&LENGTH4));
+    RUN("oversize_line", test_oversize_line());
+    RUN("oversize_header4", test_oversize_length_header(4));
+    RUN("oversize_header8", test_oversize_length_header(8));
+    RUN("shutdown_message_line", test_shutdown_message(&LINE_LF));
+    RUN("shutdown_message_length", test_shutdown_message(&LENGTH4));
+    RUN("stop_closes_idle", test_stop_closes_idle());
+    RUN("max_connections", test_max_connections());
+    RUN("nonreader_bounded", test_nonreader_is_bounded());
+    RUN("peer_reset", test_peer_reset());
+    if (getenv("PP_TEST_NO_EMFILE") == NULL)
+        RUN("emfile", test_emfile());
+    RUN("stress", test_stress());
+    RUN("forced_stop_stuck", test_forced_stop_with_stuck_handlers());
+    sem_destroy(&H.entered);
+    sem_destroy(&H.gate);
+    printf("test_server: all passed\n");
+    return 0;
+}
