@@ -546,7 +546,7 @@ static void parse_args(int argc, char **argv)
         {"size", 1, 0, 's'}, {"framing", 1, 0, 'f'}, {"expect", 1, 0, 'e'},
         {"duration", 1, 0, 'D'}, {"warmup", 1, 0, 'W'}, {"grace", 1, 0, 'G'},
         {"connect-timeout", 1, 0, 'T'}, {"cpu", 1, 0, 'C'}, {"server-pid", 1, 0, 'P'},
-        {"seed", 1, 0, 'S'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
+        {"seed", 1, 0, 'S'}, {"help", 0, 0, 'H'}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (ch) {
@@ -572,7 +572,8 @@ static void parse_args(int argc, char **argv)
         case 'C': opt.cpu = parse_int(optarg, "cpu", 0, 4095); break;
         case 'P': opt.server_pid = parse_int(optarg, "server-pid", 1, 1 << 30); break;
         case 'S': opt.seed = strtoull(optarg, NULL, 0) | 1; break;
-        default: usage(ch == '?' && optind > 0 ? stdout : stderr); exit(ch == '?' ? 0 : 2);
+        case 'H': usage(stdout); exit(0);
+        default: usage(stderr); exit(2);
         }
     }
     if (opt.port == 0 || optind != argc || opt.duration <= 0) {

@@ -89,13 +89,15 @@ static void *worker_main(void *arg)
         while (!w->wake)
             pthread_cond_wait(&w->cv, &p->mu);
     }
+    /* Freed before live drops: once it does, the last worker out may free
+     * every worker's memory (orphan_free). */
+    free(w->msgs);
+    w->msgs = NULL;
     int last = --p->live == 0;
     int orphan = last && p->orphaned;
     if (last)
         pthread_cond_broadcast(&p->exited);
     pthread_mutex_unlock(&p->mu);
-    free(w->msgs);
-    w->msgs = NULL;
     /* The pool's owner is gone; this thread is the last user of it all. */
     if (orphan)
         p->orphan_free(p->arg);

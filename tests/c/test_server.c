@@ -813,12 +813,17 @@ static void test_shutdown_message(const wire *w)
         frame_put(&want, w, m, (size_t)n);
     }
     send_all(fd[0], req.p, req.n);
+    int64_t t0 = now_ms();
     pp_server_stop(srv, 0);
     unsigned char *got = malloc(want.n);
     CHECK(got);
     recv_exact(fd[0], got, want.n);
     CHECK(memcmp(got, want.p, want.n) == 0);
     free(got);
+    /* Typically a few ms (about 100 under valgrind): a drain that takes
+     * seconds waited for a timer instead of being woken (a lost wake-up). */
+    CHECKF(now_ms() - t0 < 1500, "pending replies took %lld ms after the stop",
+           (long long)(now_ms() - t0));
     for (int i = 0; i < N; i++) {
         expect_reply(fd[i], w, (const char *)bye);
         expect_eof(fd[i]);
