@@ -290,12 +290,17 @@ def _med(xs: List[float]) -> Optional[float]:
 def summarize(runs: List[dict]) -> Dict[str, dict]:
     """(scenario|placement|server) -> medians, spreads and totals."""
     groups: Dict[str, List[dict]] = {}
+    discarded: Dict[str, int] = {}
     for r in runs:
+        if r.get("discarded"):
+            k = f"{r['scenario']}|{r['placement']}|{r['server']}"
+            discarded[k] = discarded.get(k, 0) + 1
+            continue
         groups.setdefault(f"{r['scenario']}|{r['placement']}|{r['server']}", []).append(r)
     out = {}
     for key, rs in groups.items():
         ok = [r for r in rs if "rps" in r]
-        s = {"runs": len(rs), "failures": [r["failure"] for r in rs if "failure" in r],
+        s = {"runs": len(rs), "discarded": discarded.get(key, 0), "failures": [r["failure"] for r in rs if "failure" in r],
              "errors": sum(r.get("errors", 0) for r in ok),
              "mismatches": sum(r.get("mismatches", 0) for r in ok),
              "lost": sum(r.get("lost", 0) for r in ok),
@@ -436,8 +441,8 @@ def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: L
          "percentiles in µs; **err** mismatched + lost replies + early closes + connect "
          "failures over all runs; **other cores** busy CPU of the whole machine "
          "(/proc/stat) beyond server + client, per wall second — softirq work not charged to "
-         "either process, or other processes (⚠: some run above 0.15, treat that row with "
-         "care); **×C** and **×uv** the ratio of the medians to the C epoll "
+         "either process, or other processes (runs above 0.15 are discarded and repeated up to --retries times; ⚠: a kept run "
+         "is still above, treat that row with care); **×C** and **×uv** the ratio of the medians to the C epoll "
          "reference and to the uvloop row of the same table (req/s: higher is better; "
          "CPU: lower is better).", ""]
     for sc in scenarios:
@@ -479,6 +484,10 @@ def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: L
         note = f" ({t['note']})" if t["note"] else ""
         L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | {t['status']} |")
     L.append("")
+    nd = sum(v["discarded"] for v in summary.values())
+    if nd:
+        L += [f"{nd} disturbed runs were discarded and repeated (listed in the JSON with "
+              "`discarded`).", ""]
     builds = sorted({b for v in summary.values() for b in v["pollpool_builds"]})
     if len(builds) > 1:
         L += ["**Warning:** the compiled pollpool changed during this run (editable "
@@ -561,6 +570,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--wait-quiet", type=float, default=10.0, metavar="SEC",
                    help="before each run wait up to SEC s for the machine to be idle "
                         "(default 10; 0 = don't)")
+    p.add_argument("--max-other", type=float, default=0.15, metavar="CORES",
+                   help="a run during which other work used more than CORES of CPU "
+                        "(machine busy - server - client) is discarded and repeated")
+    p.add_argument("--retries", type=int, default=3,
+                   help="how often a disturbed run is repeated before it is kept anyway "
+                        "(default 3)")
     p.add_argument("--name", help="results file name without extension (default: the date)")
     p.add_argument("--list", action="store_true", help="list scenarios and servers and exit")
     args = p.parse_args(argv)
@@ -617,25 +632,39 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     runs: List[dict] = []
     started = time.time()
+
+    def measure(sc: Scenario, server: str, pl: str, rep: int) -> None:
+        """One measurement; repeated while other work disturbs it (at most
+        --retries times).  Every attempt is kept in the JSON."""
+        for attempt in range(args.retries + 1):
+            rec = run_one(sc, server, pl, args, log_path)
+            rec["repeat"], rec["attempt"] = rep, attempt
+            runs.append(rec)
+            if ((rec.get("other_cores") or 0) > args.max_other and attempt < args.retries
+                    and not rec.get("errors")):
+                rec["discarded"] = (f"other work used {rec['other_cores']:.2f} cores "
+                                    f"(> {args.max_other}); run repeated")
+            status = rec.get("failure") or (
+                f"{rec['rps']:>11,.0f} req/s  srv {rec.get('server_cpu_us_per_req', -1):6.2f}"
+                f" µs/req  cli {rec['client_cpu_us_per_req']:5.2f} µs/req  p99 "
+                f"{rec['p99_us']:8.0f} µs  err {rec['errors']}")
+            if rec.get("discarded"):
+                status += "  [discarded: disturbed]"
+            print(f"[{rep + 1}/{args.repeats}] {sc.name:13} {pl:8} {server:16} {status}",
+                  flush=True)
+            if rec.get("errors") and "loadgen_stderr" in rec:
+                print("    loadgen: " + rec["loadgen_stderr"][:600].replace("\n", "\n    "),
+                      flush=True)
+            if not rec.get("discarded"):
+                return
+
     for rep in range(args.repeats):
         for sc in scenarios:
             for pl in sc.placements:
                 order = [s for s in sc.servers if s in servers]
                 k = rep % len(order) if order else 0
-                order = order[k:] + order[:k]       # alternate who goes first
-                for s in order:
-                    rec = run_one(sc, s, pl, args, log_path)
-                    rec["repeat"] = rep
-                    runs.append(rec)
-                    status = rec.get("failure") or (
-                        f"{rec['rps']:>11,.0f} req/s  srv {rec.get('server_cpu_us_per_req', -1):6.2f}"
-                        f" µs/req  cli {rec['client_cpu_us_per_req']:5.2f} µs/req  p99 "
-                        f"{rec['p99_us']:8.0f} µs  err {rec['errors']}")
-                    print(f"[{rep + 1}/{args.repeats}] {sc.name:13} {pl:8} {s:16} {status}",
-                          flush=True)
-                    if rec.get("errors") and "loadgen_stderr" in rec:
-                        print("    loadgen: " + rec["loadgen_stderr"][:600].replace("\n", "\n    "),
-                              flush=True)
+                for s in order[k:] + order[:k]:     # alternate who goes first
+                    measure(sc, s, pl, rep)
 
     summary = summarize(runs)
     meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -11,6 +11,7 @@ int pp__framing_init(pp_framing *f, const pp_config *cfg)
     memset(f, 0, sizeof *f);
     f->kind = cfg->framing;
     f->max_size = cfg->max_message_size;
+    f->reply_max = SIZE_MAX;
     if (f->max_size == 0)
         return -EINVAL;
     switch (cfg->framing) {
@@ -35,6 +36,7 @@ int pp__framing_init(pp_framing *f, const pp_config *cfg)
             uint64_t cap = (UINT64_C(1) << (8 * f->header_bytes)) - 1;
             if (f->max_size > cap)
                 f->max_size = (size_t)cap;
+            f->reply_max = (size_t)cap;
         }
         return 0;
     default:

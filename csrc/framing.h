@@ -13,6 +13,7 @@ typedef struct pp_framing {
     size_t delim_len;
     int header_bytes;           /* 1, 2, 4 or 8 */
     size_t max_size;
+    size_t reply_max;           /* largest reply body the framing can carry */
 } pp_framing;
 
 /* One complete frame: the message is data[msg_off..msg_off+msg_len) and the

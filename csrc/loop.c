@@ -304,6 +304,7 @@ static void conn_linger(pp_server *srv, pp_conn *c)
     c->flags |= PP_C_LINGER;
     srv->nlinger++;
     pp__buf_reset(&c->in, 0);
+    c->in_framed = c->in_scanned = 0;
     conn_read(srv, c);
     if ((c->flags & PP_C_BROKEN) || conn_all_acked(c)) {
         conn_close(srv, c);
@@ -484,7 +485,10 @@ static void conn_progress(pp_server *srv, pp_conn *c)
         conn_update(srv, c);
         return;
     }
-    if (!(c->flags & PP_C_CLOSE) && c->in_framed > 0) {
+    /* Output above the high-water mark holds back the next task as well as
+     * reading: each task may add as much output again. */
+    if (!(c->flags & PP_C_CLOSE) && c->in_framed > 0 &&
+        pp__buf_size(&c->out) <= srv->cfg.output_high_water) {
         conn_dispatch(srv, c);
         if (c->flags & PP_C_BROKEN) {
             conn_close(srv, c);
@@ -516,7 +520,10 @@ static void conn_progress(pp_server *srv, pp_conn *c)
             }
         }
     }
-    if (pp__buf_size(&c->out) == 0 && c->in_framed == 0 &&
+    /* Closing: once the output is out and either nothing whole is left to
+     * answer, or the handler asked to close (what came after is dropped). */
+    if (pp__buf_size(&c->out) == 0 &&
+        (c->in_framed == 0 || (c->flags & PP_C_CLOSE)) &&
         (c->flags & (PP_C_CLOSE | PP_C_EOF | PP_C_BAD_FRAME))) {
         if (c->flags & PP_C_EOF)
             conn_close(srv, c);

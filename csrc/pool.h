@@ -85,9 +85,11 @@ size_t pp__pool_queued(pp_pool *p);
  * when some are still running a task. */
 int pp__pool_stop(pp_pool *p, int abandon, int timeout_ms);
 
-/* Frees the pool if every worker has exited and returns 1.  Otherwise marks it
- * orphaned, detaches the threads, and returns 0: the last worker to exit then
- * calls orphan_free(arg), which must free the pool's memory with the rest. */
+/* Joins the workers if every one has exited and returns 1: the caller then
+ * calls pp__pool_destroy().  Otherwise marks the pool orphaned, detaches the
+ * threads, and returns 0: the last worker to exit then calls
+ * orphan_free(arg) (set it after pp__pool_init(), which clears the struct),
+ * which must destroy the pool and free its memory with the rest. */
 int pp__pool_release(pp_pool *p);
 
 /* Frees what pp__pool_init() allocated; only once no worker can run. */

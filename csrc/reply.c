@@ -45,6 +45,12 @@ static int reply_write(pp_reply *r, const void *data, size_t len)
     } else if (pp__buf_reserve(out, len) < 0) {
         goto nomem;
     }
+    /* Refused as it is written, so the handler learns it at once. */
+    if (len > f->reply_max - (pp__buf_size(out) - ri->mark)) {
+        ri->error = EMSGSIZE;
+        errno = EMSGSIZE;
+        return -1;
+    }
     if (len)
         memcpy(out->data + out->len, data, len);
     out->len += len;

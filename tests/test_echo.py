@@ -179,3 +179,20 @@ def test_narrow_length_header_works_with_the_default_max_size(make_server, conne
     c = connect(srv, framer)
     top = b"m" * ((1 << (8 * header_bytes)) - 1)
     assert c.exchange([b"x", top]) == [b"x", top]
+
+
+def test_raw_max_size_caps_each_message(make_server, connect):
+    """Raw framing hands the handler chunks of at most max_size bytes, and the
+    echoed stream is still the identity."""
+    sizes = []
+
+    def handler(msg):
+        sizes.append(len(msg))
+        return msg
+
+    srv = make_server(handler, framing=pollpool.Raw(max_size=16))
+    c = connect(srv, RAW)
+    payload = bytes(range(256)) * 20
+    c.send(payload)
+    assert c.recv_exactly(len(payload)) == payload
+    assert sizes and max(sizes) <= 16 and sum(sizes) == len(payload)

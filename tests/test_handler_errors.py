@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from conftest import LENGTH4, wait_closed, wait_for, wait_stat
+import pollpool
+from conftest import LENGTH4, Framer, wait_closed, wait_for, wait_stat
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,3 +117,17 @@ def test_handler_returning_none_is_not_an_error(make_server, connect, caplog):
     assert srv_stats["replies"] == 0
     assert srv_stats["active"] == 1  # still open
     assert not pollpool_errors(caplog)
+
+
+def test_reply_too_large_for_the_length_header_closes_the_connection(make_server, connect, caplog):
+    """A 1-byte header cannot carry a 300-byte reply: that is the handler's
+    error, so its connection closes after the replies before it."""
+    caplog.set_level(logging.ERROR, logger="pollpool")
+    srv = make_server(lambda m: m * 300 if m == b"big" else m,
+                      framing=pollpool.LengthPrefixed(header_bytes=1, max_size=255))
+    framer = Framer("length", header_bytes=1)
+    victim = connect(srv, framer)
+    victim.send(framer.frames([b"ok", b"big", b"never"]))
+    assert wait_closed(victim) == framer.frame(b"ok")
+    assert wait_for(lambda: pollpool_errors(caplog), 5)
+    assert connect(srv, framer).exchange([b"fine"]) == [b"fine"]
