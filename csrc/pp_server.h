@@ -138,6 +138,12 @@ void pp_signals_restore(void);
  * pp_reply_write(). */
 int pp_reply_send(pp_reply *reply, const void *data, size_t len);
 
+/* Appends bytes that already hold nreplies whole framed replies (a batch
+ * handler that frames its replies itself, e.g. to cross into C once per
+ * batch).  Returns 0, or -1 with errno = ENOMEM. */
+int pp_reply_send_framed(pp_reply *reply, const void *data, size_t len,
+                         size_t nreplies);
+
 /* The built-in echo handler: replies with the message itself. */
 int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,
                     pp_reply *reply);

@@ -103,6 +103,25 @@ int pp_reply_send(pp_reply *r, const void *data, size_t len)
     return 0;
 }
 
+int pp_reply_send_framed(pp_reply *r, const void *data, size_t len,
+                         size_t nreplies)
+{
+    reply_impl *ri = r->impl;
+    if (ri->open)
+        abort(); /* mixing with pp_reply_write() inside one message */
+    if (pp__buf_append(&ri->conn->out, data, len) < 0) {
+        errno = ENOMEM;
+        return -1;
+    }
+    ri->replies += nreplies;
+    if (ri->conn->send_error == 0) {
+        int rc = maybe_flush(ri);
+        if (rc < 0)
+            ri->conn->send_error = -rc;
+    }
+    return 0;
+}
+
 int pp__conn_flush(pp_conn *c, uint64_t *sent)
 {
     pp_buf *out = &c->out;

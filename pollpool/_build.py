@@ -86,7 +86,8 @@ int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,
 
 /* Python glue (defined in the source below). */
 typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;
-int pp_py_reply(pp_reply *reply, const char *data, size_t len);
+int pp_reply_send_framed(pp_reply *reply, const char *data, size_t len,
+                         size_t nreplies);
 uint64_t pp_py_conn_id(pp_reply *reply);
 extern "Python" int _pp_py_batch(void *ctx, pp_reply *reply,
                                  const pp_pymsg *msgs, size_t n);
@@ -107,11 +108,6 @@ static int _pp_py_batch(void *ctx, pp_reply *reply, const pp_pymsg *msgs,
 int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
 {
     return _pp_py_batch(ctx, reply, (const pp_pymsg *)msgs, n);
-}
-
-int pp_py_reply(pp_reply *reply, const char *data, size_t len)
-{
-    return pp_reply_send(reply, data, len);
 }
 
 uint64_t pp_py_conn_id(pp_reply *reply)

@@ -316,3 +316,13 @@ def test_interpreter_exit_with_a_running_python_handler_server_is_clean(spawn, t
     rc = child.wait(20)
     assert rc == 0, f"exit code {rc}; stderr: {child.stderr()[-3000:]}"
     assert_no_crash_text(child.stderr())
+
+
+def test_stop_is_idempotent_and_safe_before_start():
+    never = pollpool.Server(pollpool.handlers.echo, host="127.0.0.1", port=0)
+    assert STATS_KEYS <= set(never.stop())
+    srv = pollpool.Server(pollpool.handlers.echo, host="127.0.0.1", port=0)
+    srv.start()
+    first = srv.stop(timeout=5)
+    second = srv.stop(timeout=5)
+    assert first == second

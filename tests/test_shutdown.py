@@ -358,3 +358,69 @@ def test_cli_help_lists_the_options():
                    "--max-message-size", "--max-connections", "--drain-timeout",
                    "--shutdown-message"):
         assert option in text
+
+
+THREAD_SCRIPT = r'''
+import os, signal, threading, time, socket
+import pollpool
+
+srv = pollpool.Server(pollpool.handlers.echo, host="127.0.0.1", port=0)
+out = {}
+t = threading.Thread(target=lambda: out.update(stats=srv.serve_forever()))
+t.start()
+while True:
+    try:
+        address = srv.address
+        break
+    except Exception:
+        time.sleep(0.01)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(3)
+    print("no-keyboard-interrupt", flush=True)
+except KeyboardInterrupt:
+    print("keyboard-interrupt", flush=True)
+with socket.create_connection(address, timeout=5) as s:
+    s.sendall(b"still serving\n")
+    print("reply", s.recv(100), flush=True)
+srv.stop(timeout=5)
+t.join(5)
+print("joined", not t.is_alive(), out["stats"]["messages"], flush=True)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_serve_forever_off_the_main_thread_leaves_signals_alone(spawn, tmp_path):
+    """Only the main thread's serve_forever() takes SIGINT over; elsewhere
+    Ctrl+C stays Python's KeyboardInterrupt and the server keeps serving."""
+    script = tmp_path / "thread_serve.py"
+    script.write_text(THREAD_SCRIPT)
+    child = spawn([str(script)])
+    assert child.wait(30) == 0, child.stderr()[-2000:]
+    assert "keyboard-interrupt" in child.lines, child.lines
+    assert "reply b'still serving\\n'" in child.lines, child.lines
+    assert "joined True 1" in child.lines, child.lines
+
+
+@pytest.mark.timeout(30)
+def test_cli_reports_a_busy_port_and_exits_nonzero(spawn):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        child = spawn(["-m", "pollpool", "--port", str(port)])
+        rc = child.wait(20)
+    assert rc not in (0, None) and rc > 0
+    assert "in use" in child.stderr().lower(), child.stderr()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("args", [["--framing", "bogus"], ["--framing", "length:3"],
+                                  ["--handler", "no_such_module_xyz:f"], ["--threads", "0"]],
+                         ids=["framing", "header", "handler", "threads"])
+def test_cli_rejects_bad_options(spawn, args):
+    child = spawn(["-m", "pollpool", "--port", "0", *args])
+    rc = child.wait(20)
+    assert rc not in (0, None) and rc > 0
+    assert not any(line.startswith("pollpool listening") for line in child.lines)
+    assert child.stderr().strip(), "no error message"
