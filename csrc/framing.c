@@ -22,6 +22,9 @@ int pp__framing_init(pp_framing *f, const pp_config *cfg)
             return -EINVAL;
         memcpy(f->delim, cfg->delimiter, cfg->delimiter_len);
         f->delim_len = cfg->delimiter_len;
+        for (size_t k = 1; k < f->delim_len; k++)
+            if (memcmp(f->delim, f->delim + f->delim_len - k, k) == 0)
+                f->delim_overlaps = 1;
         return 0;
     case PP_FRAMING_LENGTH:
         switch (cfg->header_bytes) {
@@ -71,6 +74,31 @@ static int frame_line(const pp_framing *f, const unsigned char *data, size_t len
     /* The earliest a delimiter can still start is len - dl + 1. */
     if (len >= dl && len - dl + 1 > f->max_size)
         return -EMSGSIZE;
+    return 0;
+}
+
+long pp__frame_whole_prefix(const pp_framing *f, const unsigned char *data,
+                            size_t len, size_t *scanned)
+{
+    /* Without self-overlap, delimiters found from either end are the same
+     * ones; within max_size bytes no frame can be oversize. */
+    if (f->kind != PP_FRAMING_LINE || f->delim_overlaps || len > f->max_size)
+        return -1;
+    size_t dl = f->delim_len;
+    unsigned char last = f->delim[dl - 1];
+    size_t end = len;
+    while (end >= dl) {
+        const unsigned char *hit = memrchr(data + dl - 1, last, end - (dl - 1));
+        if (hit == NULL)
+            break;
+        size_t at = (size_t)(hit - data) + 1; /* one past the delimiter */
+        if (memcmp(data + at - dl, f->delim, dl) == 0) {
+            *scanned = len - at;
+            return (long)at;
+        }
+        end = at - 1;
+    }
+    *scanned = len;
     return 0;
 }
 

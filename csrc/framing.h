@@ -14,6 +14,7 @@ typedef struct pp_framing {
     int header_bytes;           /* 1, 2, 4 or 8 */
     size_t max_size;
     size_t reply_max;           /* largest reply body the framing can carry */
+    int delim_overlaps;         /* a proper prefix of delim is also its suffix */
 } pp_framing;
 
 /* One complete frame: the message is data[msg_off..msg_off+msg_len) and the
@@ -35,6 +36,14 @@ int pp__framing_init(pp_framing *f, const pp_config *cfg);
  * cut into pieces of at most max_size. */
 int pp__frame_next(const pp_framing *f, const unsigned char *data, size_t len,
                    size_t *scanned, pp_frame *fr);
+
+/* Returns how many bytes at the start of data[0..len) are whole frames,
+ * found from the end in one backward search, or -1 when that shortcut does
+ * not apply (not line framing, a self-overlapping delimiter, or len above
+ * max_size, where a frame inside could be oversize) and the caller must cut
+ * frame by frame.  Sets *scanned for the partial frame after them. */
+long pp__frame_whole_prefix(const pp_framing *f, const unsigned char *data,
+                            size_t len, size_t *scanned);
 
 /* Bytes a reply needs before its body (the length header), 0 for raw/line. */
 static inline size_t pp__frame_prefix_len(const pp_framing *f)

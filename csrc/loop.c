@@ -64,9 +64,16 @@ void pp__loop_wake(pp_server *srv)
 
 static void drain_wake_fd(pp_server *srv)
 {
+#ifdef __linux__
+    /* One read resets an eventfd's whole count. */
+    uint64_t count;
+    while (read(srv->wake_rd, &count, sizeof count) < 0 && errno == EINTR)
+        ;
+#else
     unsigned char junk[64];
     while (read(srv->wake_rd, junk, sizeof junk) > 0 || errno == EINTR)
         ;
+#endif
 }
 
 void pp__loop_complete(pp_server *srv, pp_conn *c)
@@ -325,6 +332,14 @@ static void conn_scan(pp_server *srv, pp_conn *c)
 {
     const unsigned char *p = pp__buf_begin(&c->in);
     size_t len = pp__buf_size(&c->in);
+    /* The worker cuts the messages anyway; here it is enough to know where
+     * the last whole frame ends, which one backward search tells. */
+    long whole = pp__frame_whole_prefix(&srv->framing, p + c->in_framed,
+                                        len - c->in_framed, &c->in_scanned);
+    if (whole >= 0) {
+        c->in_framed += (size_t)whole;
+        return;
+    }
     while (c->in_framed < len) {
         pp_frame fr;
         int rc = pp__frame_next(&srv->framing, p + c->in_framed,

@@ -2,10 +2,16 @@
 #include "pool.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+int pp__sched_batch_wanted(void)
+{
+    return getenv("POLLPOOL_NO_SCHED_BATCH") == NULL;
+}
 
 int pp__pool_init(pp_pool *p, int nthreads, pp_task_fn run, void *arg)
 {
@@ -67,6 +73,12 @@ static void *worker_main(void *arg)
 {
     pp_worker *w = arg;
     pp_pool *p = w->pool;
+    /* A woken worker then does not preempt the thread running on its core:
+     * each finishes its batch before the switch (see pp_server_run()). */
+    if (pp__sched_batch_wanted()) {
+        struct sched_param sp = {0};
+        pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
+    }
 
     pthread_mutex_lock(&p->mu);
     for (;;) {

@@ -95,6 +95,10 @@ int pp__pool_release(pp_pool *p);
 /* Frees what pp__pool_init() allocated; only once no worker can run. */
 void pp__pool_destroy(pp_pool *p);
 
+/* Nonzero unless POLLPOOL_NO_SCHED_BATCH is set: run the pool and the I/O
+ * thread with SCHED_BATCH (no wake-up preemption among them). */
+int pp__sched_batch_wanted(void);
+
 /* Fetch-free counter update for a counter with one writer. */
 static inline void pp__stat_add(_Atomic uint64_t *c, uint64_t n)
 {

@@ -766,6 +766,51 @@ static void test_differential(void)
     }
 }
 
+/* pp__frame_whole_prefix() (the I/O thread's backward search) must agree
+ * with cutting frame by frame whenever it answers, and must decline where
+ * its premises fail: an overlapping delimiter, or more than max_size bytes. */
+static void test_whole_prefix(void)
+{
+    uint64_t rng = 0x3a11;
+    int answered = 0, declined = 0;
+    for (int it = 0; it < 20000; it++) {
+        const unsigned char alpha[] = "ab\n\r";
+        unsigned char d[4];
+        size_t dl = (size_t)check_range(&rng, 1, 3);
+        for (size_t i = 0; i < dl; i++)
+            d[i] = alpha[check_rand(&rng) % 4];
+        size_t max = (size_t)check_range(&rng, 1, 64);
+        pp_framing f = make_line((const char *)d, dl, max);
+        size_t n = (size_t)check_range(&rng, 0, 80);
+        unsigned char *s = malloc(n ? n : 1);
+        CHECK(s);
+        for (size_t i = 0; i < n; i++)
+            s[i] = alpha[check_rand(&rng) % 4];
+        /* Exactly sized, so a read past the end trips ASan. */
+        size_t scanned = 12345;
+        long whole = pp__frame_whole_prefix(&f, s, n, &scanned);
+        int overlaps = 0;
+        for (size_t k = 1; k < dl; k++)
+            overlaps |= memcmp(d, d + dl - k, k) == 0;
+        if (overlaps || n > max) {
+            CHECKF(whole == -1, "iteration %d: should decline", it);
+            declined++;
+        } else {
+            size_t pos = 0, sc = 0;
+            pp_frame fr;
+            int rc;
+            while ((rc = pp__frame_next(&f, s + pos, n - pos, &sc, &fr)) == 1)
+                pos += fr.frame_len;
+            CHECKF(rc == 0, "iteration %d: no frame may be oversize here", it);
+            CHECKF(whole == (long)pos, "iteration %d: %ld != %zu", it, whole, pos);
+            CHECK_EQ(scanned, n - pos);
+            answered++;
+        }
+        free(s);
+    }
+    CHECK(answered > 1000 && declined > 1000);
+}
+
 int main(void)
 {
     alarm(60);
@@ -777,6 +822,7 @@ int main(void)
     test_split_everywhere();
     test_reply_roundtrip();
     test_differential();
+    test_whole_prefix();
     printf("test_framing: all passed\n");
     return 0;
 }
