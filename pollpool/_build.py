@@ -90,7 +90,8 @@ int pp_reply_send_framed(pp_reply *reply, const char *data, size_t len,
                          size_t nreplies);
 uint64_t pp_py_conn_id(pp_reply *reply);
 extern "Python" int _pp_py_batch(void *ctx, pp_reply *reply,
-                                 const pp_pymsg *msgs, size_t n);
+                                 const pp_pymsg *msgs, size_t n,
+                                 char *scratch, size_t cap, size_t *out);
 int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n);
 """
 
@@ -101,13 +102,25 @@ GLUE = r"""
 typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;
 
 static int _pp_py_batch(void *ctx, pp_reply *reply, const pp_pymsg *msgs,
-                        size_t n);
+                        size_t n, char *scratch, size_t cap, size_t *out);
+
+/* Replies that fit go through this buffer on the worker's stack. */
+#define PP_PY_SCRATCH 16384
 
 /* The core's batch hook: one trip into Python (one GIL acquisition) per task
- * rather than one per message. */
+ * rather than one per message.  Python copies the framed replies into scratch
+ * with ffi.memmove, which keeps the GIL, and they are queued here after the
+ * GIL is released: a C call from Python would release and retake it, and
+ * with several workers that hands the GIL to another thread mid-batch. */
 int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
 {
-    return _pp_py_batch(ctx, reply, (const pp_pymsg *)msgs, n);
+    char scratch[PP_PY_SCRATCH];
+    size_t out[2] = {0, 0};
+    int rc = _pp_py_batch(ctx, reply, (const pp_pymsg *)msgs, n, scratch,
+                          sizeof scratch, out);
+    if (out[0] > 0 && pp_reply_send_framed(reply, scratch, out[0], out[1]) < 0)
+        return -1;
+    return rc;
 }
 
 uint64_t pp_py_conn_id(pp_reply *reply)

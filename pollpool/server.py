@@ -53,14 +53,16 @@ def _batch_failed(exc_type: Any, exc: Any, tb: Any) -> None:
 
 
 @ffi.def_extern(error=-1, onerror=_batch_failed)
-def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int) -> int:
+def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, scratch: Any, cap: int,
+                 out: Any) -> int:
     # Runs on a worker thread with the GIL held, once per task: the whole
-    # messages of one connection.  Every C call releases and retakes the GIL,
-    # so messages come in with one copy and replies go out with one call.
+    # messages of one connection.  Any C call would release and retake the
+    # GIL, so messages come in with one copy (line frames are contiguous and
+    # split at C speed) and framed replies leave through scratch, copied
+    # with ffi.memmove (which keeps the GIL); pp_py_batch queues them.
     h: _PyHandler = ffi.from_handle(ctx)
     delim = h.delim
     if delim is not None:
-        # Line frames are contiguous: one copy, then split at C speed.
         first, last = msgs[0].data, msgs[n - 1]
         block = ffi.unpack(first, (last.data - first) + last.len + len(delim))
         messages = block.split(delim)
@@ -69,46 +71,72 @@ def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int) -> int:
         unpack = ffi.unpack
         messages = [unpack(m.data, m.len) for m in msgs[0:n]]
     fn = h.fn
-    hb = h.header_bytes
-    reply_max = h.reply_max
-    replies = []
-    status = 0
-    for msg in messages:
-        try:
-            out = fn(msg)
-            if out is None:
-                continue
-            if type(out) is not bytes:
-                if not isinstance(out, (bytearray, memoryview)):
-                    raise TypeError(
-                        f"handler {h.name} returned {type(out).__name__}; "
-                        "expected bytes, bytearray, memoryview or None"
-                    )
-                out = bytes(out)
-            if hb:
-                if reply_max is not None and len(out) > reply_max:
-                    raise ValueError(
-                        f"reply of {len(out)} bytes does not fit a {hb}-byte length header"
-                    )
-                out = len(out).to_bytes(hb, "big") + out
-            replies.append(out)
-        except Exception:
-            log.exception(
-                "handler %s failed on connection %d; closing it",
-                h.name, lib.pp_py_conn_id(reply),
-            )
-            status = -1
-            break
-    if replies:
-        if delim is not None:
-            data = delim.join(replies) + delim
-        else:
-            data = b"".join(replies)
-        if lib.pp_reply_send_framed(reply, data, len(data), len(replies)) < 0:
+    results: list = []
+    append = results.append
+    failed = False
+    try:
+        for msg in messages:
+            append(fn(msg))
+    except Exception:
+        failed = True
+        log.exception("handler %s failed on connection %d; closing it",
+                      h.name, lib.pp_py_conn_id(reply))
+    count = len(results)
+    data = None
+    if delim is not None:
+        try:  # the common case: every result is bytes-like
+            data = delim.join(results) + delim if results else b""
+        except TypeError:
+            pass
+    if data is None:
+        data, count, ok = _frame_checked(h, results, reply)
+        failed = failed or not ok
+    if data:
+        size = len(data)
+        if size <= cap:
+            ffi.memmove(scratch, data, size)
+            out[0] = size
+            out[1] = count
+        elif lib.pp_reply_send_framed(reply, data, size, count) < 0:
             log.error("out of memory queueing replies on connection %d; closing it",
                       lib.pp_py_conn_id(reply))
             return -1
-    return status
+    return -1 if failed else 0
+
+
+def _frame_checked(h: _PyHandler, results: list, reply: Any) -> Tuple[bytes, int, bool]:
+    """Frames results one by one, skipping None, up to the first that is not
+    bytes-like or does not fit the length header.  Returns the framed bytes,
+    how many replies they hold, and whether all results were good."""
+    delim, hb, reply_max = h.delim, h.header_bytes, h.reply_max
+    parts = []
+    for out in results:
+        if out is None:
+            continue
+        if type(out) is not bytes:
+            if not isinstance(out, (bytearray, memoryview)):
+                log.error("handler %s returned %s on connection %d; expected bytes, "
+                          "bytearray, memoryview or None; closing it",
+                          h.name, type(out).__name__, lib.pp_py_conn_id(reply),
+                          exc_info=TypeError(f"bad reply type {type(out).__name__}"))
+                break
+            out = bytes(out)
+        if hb:
+            if reply_max is not None and len(out) > reply_max:
+                log.error("handler %s returned %d bytes on connection %d, more than "
+                          "a %d-byte length header can carry; closing it",
+                          h.name, len(out), lib.pp_py_conn_id(reply), hb)
+                break
+            parts.append(len(out).to_bytes(hb, "big"))
+            parts.append(out)
+        elif delim is not None:
+            parts.append(out)
+            parts.append(delim)
+        else:
+            parts.append(out)
+    else:
+        return b"".join(parts), len(parts) // (1 if delim is None and not hb else 2), True
+    return b"".join(parts), len(parts) // (1 if delim is None and not hb else 2), False
 
 
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
