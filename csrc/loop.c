@@ -716,6 +716,11 @@ int pp__loop_run(pp_server *srv)
         if (srv->draining && srv->nconns == 0)
             break;
 
+        /* Whatever this round (or the stop handling above) made ready goes to
+         * the workers before we may sleep. */
+        dispatch_ready(srv);
+        push_batch(srv);
+
         int timeout = poll_timeout(srv, now);
         /* Announce the sleep, then look once more: a completion pushed before
          * the announcement is seen here, one pushed after it writes the fd. */
@@ -768,8 +773,6 @@ int pp__loop_run(pp_server *srv)
                 do_accept(srv, srv->listen_fd[i]);
             srv->pfds[1 + i].revents = 0;
         }
-        dispatch_ready(srv);
-        push_batch(srv);
     }
     push_batch(srv);
     return rc;

@@ -91,7 +91,8 @@ int pp_reply_send_framed(pp_reply *reply, const char *data, size_t len,
 uint64_t pp_py_conn_id(pp_reply *reply);
 extern "Python" int _pp_py_batch(void *ctx, pp_reply *reply,
                                  const pp_pymsg *msgs, size_t n,
-                                 char *scratch, size_t cap, size_t *out);
+                                 const char *block, size_t block_len,
+                                 char *scratch, size_t cap, size_t *count);
 int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n);
 """
 
@@ -102,7 +103,8 @@ GLUE = r"""
 typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;
 
 static int _pp_py_batch(void *ctx, pp_reply *reply, const pp_pymsg *msgs,
-                        size_t n, char *scratch, size_t cap, size_t *out);
+                        size_t n, const char *block, size_t block_len,
+                        char *scratch, size_t cap, size_t *count);
 
 /* Replies that fit go through this buffer on the worker's stack. */
 #define PP_PY_SCRATCH 16384
@@ -115,12 +117,19 @@ static int _pp_py_batch(void *ctx, pp_reply *reply, const pp_pymsg *msgs,
 int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
 {
     char scratch[PP_PY_SCRATCH];
-    size_t out[2] = {0, 0};
-    int rc = _pp_py_batch(ctx, reply, (const pp_pymsg *)msgs, n, scratch,
-                          sizeof scratch, out);
-    if (out[0] > 0 && pp_reply_send_framed(reply, scratch, out[0], out[1]) < 0)
+    size_t count = 0;
+    /* The frames lie back to back: from the first message to the end of the
+     * last frame is the whole task, which line framing splits in one call.
+     * The delimiter's length is what follows the last message. */
+    const char *block = (const char *)msgs[0].data;
+    size_t block_len = (size_t)((const char *)msgs[n - 1].data - block) + msgs[n - 1].len;
+    int rc = _pp_py_batch(ctx, reply, (const pp_pymsg *)msgs, n, block,
+                          block_len, scratch, sizeof scratch, &count);
+    /* rc: -1 - bytes in scratch after a failure, else bytes in scratch. */
+    size_t used = rc < 0 ? (size_t)(-1 - rc) : (size_t)rc;
+    if (used > 0 && pp_reply_send_framed(reply, scratch, used, count) < 0)
         return -1;
-    return rc;
+    return rc < 0 ? -1 : PP_KEEP;
 }
 
 uint64_t pp_py_conn_id(pp_reply *reply)

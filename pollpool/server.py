@@ -53,19 +53,18 @@ def _batch_failed(exc_type: Any, exc: Any, tb: Any) -> None:
 
 
 @ffi.def_extern(error=-1, onerror=_batch_failed)
-def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, scratch: Any, cap: int,
-                 out: Any) -> int:
+def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, block: Any, block_len: int,
+                 scratch: Any, cap: int, count: Any) -> int:
     # Runs on a worker thread with the GIL held, once per task: the whole
     # messages of one connection.  Any C call would release and retake the
     # GIL, so messages come in with one copy (line frames are contiguous and
     # split at C speed) and framed replies leave through scratch, copied
     # with ffi.memmove (which keeps the GIL); pp_py_batch queues them.
+    # Returns the bytes put in scratch, or -1 minus that after a failure.
     h: _PyHandler = ffi.from_handle(ctx)
     delim = h.delim
     if delim is not None:
-        first, last = msgs[0].data, msgs[n - 1]
-        block = ffi.unpack(first, (last.data - first) + last.len + len(delim))
-        messages = block.split(delim)
+        messages = ffi.unpack(block, block_len + len(delim)).split(delim)
         messages.pop()
     else:
         unpack = ffi.unpack
@@ -81,27 +80,27 @@ def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, scratch: Any, cap: int
         failed = True
         log.exception("handler %s failed on connection %d; closing it",
                       h.name, lib.pp_py_conn_id(reply))
-    count = len(results)
     data = None
     if delim is not None:
         try:  # the common case: every result is bytes-like
             data = delim.join(results) + delim if results else b""
+            count[0] = len(results)
         except TypeError:
             pass
     if data is None:
-        data, count, ok = _frame_checked(h, results, reply)
+        data, count[0], ok = _frame_checked(h, results, reply)
         failed = failed or not ok
-    if data:
-        size = len(data)
-        if size <= cap:
-            ffi.memmove(scratch, data, size)
-            out[0] = size
-            out[1] = count
-        elif lib.pp_reply_send_framed(reply, data, size, count) < 0:
+    size = len(data)
+    if size > cap:
+        # Too big for the stack buffer: queue it directly (the GIL is let go).
+        if lib.pp_reply_send_framed(reply, data, size, count[0]) < 0:
             log.error("out of memory queueing replies on connection %d; closing it",
                       lib.pp_py_conn_id(reply))
             return -1
-    return -1 if failed else 0
+        size = 0
+    elif size:
+        ffi.memmove(scratch, data, size)
+    return -1 - size if failed else size
 
 
 def _frame_checked(h: _PyHandler, results: list, reply: Any) -> Tuple[bytes, int, bool]:
