@@ -63,7 +63,10 @@ def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, block: Any, block_len:
     # Returns the bytes put in scratch, or -1 minus that after a failure.
     h: _PyHandler = ffi.from_handle(ctx)
     delim = h.delim
-    if delim is not None:
+    if delim is not None and n == 1:
+        messages = [ffi.unpack(block, block_len)]
+    elif delim is not None and block_len <= 512 * n:
+        # Small lines: one copy of the block and a split beat n unpacks.
         messages = ffi.unpack(block, block_len + len(delim)).split(delim)
         messages.pop()
     else:
