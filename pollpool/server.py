@@ -63,8 +63,23 @@ def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, block: Any, block_len:
     # Returns the bytes put in scratch, or -1 minus that after a failure.
     h: _PyHandler = ffi.from_handle(ctx)
     delim = h.delim
+    messages: Optional[list]
+    results: list
     if delim is not None and n == 1:
-        messages = [ffi.unpack(block, block_len)]
+        # The common case under light pipelining: one line, one bytes reply.
+        try:
+            out = h.fn(ffi.unpack(block, block_len))
+        except Exception:
+            log.exception("handler %s failed on connection %d; closing it",
+                          h.name, lib.pp_py_conn_id(reply))
+            return -1
+        if type(out) is bytes and len(out) < cap:
+            data = out + delim
+            ffi.memmove(scratch, data, len(data))
+            count[0] = 1
+            return len(data)
+        messages = None
+        results = [out]
     elif delim is not None and block_len <= 512 * n:
         # Small lines: one copy of the block and a split beat n unpacks.
         messages = ffi.unpack(block, block_len + len(delim)).split(delim)
@@ -72,17 +87,18 @@ def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, block: Any, block_len:
     else:
         unpack = ffi.unpack
         messages = [unpack(m.data, m.len) for m in msgs[0:n]]
-    fn = h.fn
-    results: list = []
-    append = results.append
     failed = False
-    try:
-        for msg in messages:
-            append(fn(msg))
-    except Exception:
-        failed = True
-        log.exception("handler %s failed on connection %d; closing it",
-                      h.name, lib.pp_py_conn_id(reply))
+    if messages is not None:
+        fn = h.fn
+        results = []
+        append = results.append
+        try:
+            for msg in messages:
+                append(fn(msg))
+        except Exception:
+            failed = True
+            log.exception("handler %s failed on connection %d; closing it",
+                          h.name, lib.pp_py_conn_id(reply))
     data = None
     if delim is not None:
         try:  # the common case: every result is bytes-like
