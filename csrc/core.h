@@ -36,7 +36,12 @@ enum {
     PP_C_QUIET = 1 << 6,       /* draining: the last read found nothing new */
     PP_C_GOODBYE = 1 << 7,     /* draining: shutdown message queued */
     PP_C_READY = 1 << 8,       /* on the ready list, waiting for queue room */
+    PP_C_OPENED = 1 << 9,      /* open event sent: a close event is owed */
+    PP_C_RETIRING = 1 << 10,   /* close event in flight; freed when it is back */
 };
+
+/* What a task carries besides messages. */
+enum { PP_EV_NONE = 0, PP_EV_OPEN = 1, PP_EV_CLOSE = 2 };
 
 typedef struct pp_conn {
     pp_task task_link;          /* first: the pool's queue link */
@@ -56,6 +61,7 @@ typedef struct pp_conn {
     /* Owner of the task: the worker while in flight, else the I/O thread. */
     pp_buf task;                /* whole frames of the current task */
     pp_buf out;                 /* framed replies not yet sent */
+    int event;                  /* PP_EV_*: a connection event to deliver first */
     int status;                 /* PP_KEEP, PP_CLOSE or < 0: outcome of the task */
     int send_error;             /* errno of a failed send(), 0 if none */
 

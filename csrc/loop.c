@@ -125,6 +125,28 @@ static void slot_remove(pp_server *srv, size_t i)
     srv->conns[last] = NULL;
 }
 
+/* ---- tasks -------------------------------------------------------------- */
+
+static void batch_add(pp_server *srv, pp_conn *c, int event)
+{
+    c->event = event;
+    c->status = PP_KEEP;
+    c->send_error = 0;
+    c->flags |= PP_C_IN_FLIGHT;
+    c->task_link.next = NULL;
+    if (srv->batch_tail)
+        srv->batch_tail->next = &c->task_link;
+    else
+        srv->batch_head = &c->task_link;
+    srv->batch_tail = &c->task_link;
+    srv->batch_n++;
+}
+
+static int has_events(const pp_server *srv)
+{
+    return srv->cfg.on_open != NULL || srv->cfg.on_close != NULL;
+}
+
 /* ---- accepting ---------------------------------------------------------- */
 
 static void accept_pause(pp_server *srv, int64_t retry_at)
@@ -204,6 +226,14 @@ static void do_accept(pp_server *srv, int lfd)
         srv->nconns++;
         atomic_fetch_add(&srv->active, 1);
         pp__stat_add(&srv->stats.accepted, 1);
+        if (has_events(srv)) {
+            /* The open event is the connection's first task: its messages
+             * are read only once it is back, so they cannot overtake it.
+             * Event tasks bypass queue_size: there is one per connection. */
+            c->flags |= PP_C_OPENED;
+            batch_add(srv, c, PP_EV_OPEN);
+            srv->pfds[c->slot].fd = -1;
+        }
     }
 }
 
@@ -276,8 +306,20 @@ static void conn_close(pp_server *srv, pp_conn *c)
         abort();
     if (c->flags & PP_C_READY)
         ready_unlink(srv, c);
-    if (c->flags & PP_C_LINGER)
+    if (c->flags & PP_C_LINGER) {
         srv->nlinger--;
+        c->flags &= ~PP_C_LINGER;
+    }
+    if ((c->flags & PP_C_OPENED) && srv->cfg.on_close) {
+        /* The close event goes to a worker like any task, so it comes after
+         * the last message's handler.  The peer is cut now; the fd stays
+         * ours (no reuse) until the event is back. */
+        c->flags = (c->flags & ~PP_C_OPENED) | PP_C_RETIRING;
+        shutdown(c->fd, SHUT_RDWR);
+        batch_add(srv, c, PP_EV_CLOSE);
+        conn_update(srv, c);
+        return;
+    }
     slot_remove(srv, c->slot);
     close(c->fd);
     conn_free(c);
@@ -452,16 +494,7 @@ static void conn_dispatch(pp_server *srv, pp_conn *c)
     whole.len = whole.off + c->in_framed;
     c->task = whole;
     c->in_framed = 0;
-    c->status = PP_KEEP;
-    c->send_error = 0;
-    c->flags |= PP_C_IN_FLIGHT;
-    c->task_link.next = NULL;
-    if (srv->batch_tail)
-        srv->batch_tail->next = &c->task_link;
-    else
-        srv->batch_head = &c->task_link;
-    srv->batch_tail = &c->task_link;
-    srv->batch_n++;
+    batch_add(srv, c, PP_EV_NONE);
 }
 
 /* Queues the shutdown message and marks c to close once it is sent. */
@@ -558,6 +591,10 @@ static void conn_progress(pp_server *srv, pp_conn *c)
 static void on_complete(pp_server *srv, pp_conn *c)
 {
     c->flags &= ~PP_C_IN_FLIGHT;
+    if (c->flags & PP_C_RETIRING) {
+        conn_close(srv, c); /* the close event was the last task */
+        return;
+    }
     pp__buf_reset(&c->task, PP_KEEP_BUF);
     if (c->send_error)
         c->flags |= PP_C_BROKEN;

@@ -70,6 +70,27 @@ static inline uint64_t pp_reply_conn_id(const pp_reply *reply)
 typedef int (*pp_handler_fn)(void *ctx, const unsigned char *msg, size_t len,
                              pp_reply *reply);
 
+/* Optional per-connection hooks, run on worker threads in the connection's
+ * order: open once before its first message, close once after its last
+ * (also when the server shuts down).  open may write a greeting with
+ * pp_reply_write() and returns PP_KEEP, PP_CLOSE, or < 0 to refuse the
+ * connection (close still follows).  close gets only the connection's id: by
+ * then the peer may be gone, so it cannot reply.  For a handler loaded with
+ * NativeHandler.from_library(path, "name"), pollpool looks for these as
+ * "name_open" and "name_close". */
+typedef int (*pp_open_fn)(void *ctx, pp_reply *reply);
+typedef void (*pp_close_fn)(void *ctx, uint64_t conn_id);
+
+/* Put POLLPOOL_EXPORT_ABI_VERSION; at file scope in a handler library: pollpool
+ * then refuses to load it if it was built against another ABI version. */
+#if defined(__GNUC__)
+#define POLLPOOL_EXPORT __attribute__((visibility("default")))
+#else
+#define POLLPOOL_EXPORT
+#endif
+#define POLLPOOL_EXPORT_ABI_VERSION \
+    POLLPOOL_EXPORT const int pollpool_abi_version = POLLPOOL_ABI_VERSION
+
 #ifdef __cplusplus
 }
 #endif

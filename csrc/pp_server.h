@@ -54,7 +54,9 @@ typedef struct pp_config {
     size_t shutdown_message_len;
     pp_handler_fn handler;      /* exactly one of handler and batch */
     pp_batch_fn batch;
-    void *ctx;                  /* passed to handler or batch */
+    void *ctx;                  /* passed to handler, batch and the hooks */
+    pp_open_fn on_open;         /* optional connection events (pollpool.h) */
+    pp_close_fn on_close;
 } pp_config;
 
 /* Counters; a snapshot, each value read atomically but not all at one instant. */
@@ -143,6 +145,10 @@ int pp_reply_send(pp_reply *reply, const void *data, size_t len);
  * batch).  Returns 0, or -1 with errno = ENOMEM. */
 int pp_reply_send_framed(pp_reply *reply, const void *data, size_t len,
                          size_t nreplies);
+
+/* Writes the peer address of the reply's connection as numeric host and
+ * port.  Returns 0 or -errno. */
+int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
 
 /* The built-in echo handler: replies with the message itself. */
 int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,

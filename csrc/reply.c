@@ -8,6 +8,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 
 #include "core.h"
@@ -209,6 +211,25 @@ static int run_batch(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
     return st > 0 ? PP_CLOSE : st;
 }
 
+int pp_reply_peer(const pp_reply *r, char *host, size_t hostlen, int *port)
+{
+    const reply_impl *ri = r->impl;
+    const struct sockaddr_storage *ss = &ri->conn->peer;
+    const void *addr;
+    if (ss->ss_family == AF_INET) {
+        addr = &((const struct sockaddr_in *)ss)->sin_addr;
+        *port = ntohs(((const struct sockaddr_in *)ss)->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        addr = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+        *port = ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+    } else {
+        return -EAFNOSUPPORT;
+    }
+    if (inet_ntop(ss->ss_family, addr, host, (socklen_t)hostlen) == NULL)
+        return -errno;
+    return 0;
+}
+
 void pp__task_run(void *arg, pp_worker *w, pp_task *t)
 {
     pp_server *srv = arg;
@@ -216,9 +237,28 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     reply_impl ri = {.srv = srv, .conn = c};
     pp_reply r = {.write = reply_write, .conn_id = c->id, .impl = &ri};
     uint64_t nmsg = 0;
+    int st = PP_KEEP;
 
-    int st = srv->cfg.handler ? run_handler(srv, w, c, &r, &ri, &nmsg)
-                              : run_batch(srv, w, c, &r, &nmsg);
+    if (c->event == PP_EV_CLOSE) {
+        /* Nothing may be sent any more: the socket is shut down. */
+        srv->cfg.on_close(srv->cfg.ctx, c->id);
+        c->status = PP_KEEP;
+        pp__loop_complete(srv, c);
+        return;
+    }
+    if (c->event == PP_EV_OPEN) {
+        if (srv->cfg.on_open) {
+            st = srv->cfg.on_open(srv->cfg.ctx, &r);
+            int rc = reply_close(&ri);
+            if (rc < 0 && st >= 0)
+                st = rc;
+            st = st > 0 ? PP_CLOSE : st;
+        }
+    } else if (srv->cfg.handler) {
+        st = run_handler(srv, w, c, &r, &ri, &nmsg);
+    } else {
+        st = run_batch(srv, w, c, &r, &nmsg);
+    }
     if (st == -ENOMEM)
         pp__stat_add(&w->stats.nomem_errors, 1);
     else if (st < 0)

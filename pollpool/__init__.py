@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from . import handlers
+from .connection import Connection
 from .framing import LengthPrefixed, Lines, Raw, parse_framing
 from .handlers import NativeHandler
 from .server import Server
@@ -27,6 +28,6 @@ def get_include() -> str:
 
 
 __all__ = [
-    "LengthPrefixed", "Lines", "NativeHandler", "Raw", "Server",
+    "Connection", "LengthPrefixed", "Lines", "NativeHandler", "Raw", "Server",
     "get_include", "handlers", "parse_framing", "__version__",
 ]

@@ -19,17 +19,22 @@ from .server import Server
 
 
 def load_handler(spec: str) -> Any:
-    """``echo`` or ``module:function`` (a Python callable)."""
+    """``echo``, ``path/to/lib.so:symbol`` (a native handler) or
+    ``module:function`` (a Python callable or connection-aware handler)."""
     if spec == "echo":
         return handlers.echo
+    module, sep, attr = spec.rpartition(":")
+    if sep and (module.endswith((".so", ".dylib")) or ".so." in module or "/" in module):
+        return handlers.NativeHandler.from_library(module, attr)
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"handler must be 'echo' or 'module:function', got {spec!r}")
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    if not callable(obj) and not isinstance(obj, handlers.NativeHandler):
-        raise TypeError(f"{spec} is not callable")
+    if not callable(obj) and not isinstance(obj, handlers.NativeHandler) \
+            and not any(hasattr(obj, n) for n in ("on_connect", "on_message", "on_disconnect")):
+        raise TypeError(f"{spec} is not a handler")
     return obj
 
 
@@ -43,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
     p.add_argument("--framing", default="line",
                    help="line | line:DELIM (e.g. 'line:\\r\\n') | length | length:1|2|4|8 | raw (default line)")
-    p.add_argument("--handler", default="echo", help="echo (native) or module:function (default echo)")
+    p.add_argument("--handler", default="echo",
+                   help="echo (native), path/to/lib.so:symbol (native) or module:function (default echo)")
     p.add_argument("--max-message-size", type=int, default=None, help="largest message in bytes")
     p.add_argument("--max-connections", type=int, default=0, help="open connections at most (0 = no limit)")
     p.add_argument("--output-high-water", type=int, default=4 * 1024 * 1024,

@@ -25,6 +25,8 @@ typedef struct pp_reply pp_reply;
 typedef int (*pp_handler_fn)(void *ctx, const unsigned char *msg, size_t len,
                              pp_reply *reply);
 typedef struct pp_msg pp_msg;
+typedef int (*pp_open_fn)(void *ctx, pp_reply *reply);
+typedef void (*pp_close_fn)(void *ctx, uint64_t conn_id);
 typedef int (*pp_batch_fn)(void *ctx, pp_reply *reply, const pp_msg *msgs,
                            size_t n);
 
@@ -47,6 +49,8 @@ typedef struct pp_config {
     pp_handler_fn handler;
     pp_batch_fn batch;
     void *ctx;
+    pp_open_fn on_open;
+    pp_close_fn on_close;
 } pp_config;
 
 typedef struct pp_stats {
@@ -77,6 +81,7 @@ int pp_server_start_workers(pp_server *srv);
 int pp_server_run(pp_server *srv);
 void pp_server_stop(pp_server *srv, int force);
 int pp_server_was_forced(const pp_server *srv);
+int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
 void pp_server_stats(const pp_server *srv, pp_stats *out);
 void pp_server_free(pp_server *srv);
 int pp_signals_install(pp_server *srv);
@@ -88,26 +93,49 @@ int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,
 typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;
 int pp_reply_send_framed(pp_reply *reply, const char *data, size_t len,
                          size_t nreplies);
-uint64_t pp_py_conn_id(pp_reply *reply);
-extern "Python" int _pp_py_batch(void *ctx, pp_reply *reply,
+extern "Python" int _pp_py_batch(void *ctx, pp_reply *reply, uint64_t conn_id,
                                  const pp_pymsg *msgs, size_t n,
                                  const char *block, size_t block_len,
-                                 char *scratch, size_t cap, size_t *count);
+                                 char *scratch, size_t cap, size_t *res);
+extern "Python" int _pp_py_open(void *ctx, pp_reply *reply, uint64_t conn_id,
+                                const char *host, int port,
+                                char *scratch, size_t cap, size_t *res);
+extern "Python" void _pp_py_close(void *ctx, uint64_t conn_id);
 int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n);
+int pp_py_open(void *ctx, pp_reply *reply);
+void pp_py_close(void *ctx, uint64_t conn_id);
+pp_handler_fn pp_py_echo_fn(void);
+void *pp_py_dlopen(const char *path);
+void *pp_py_dlsym(void *lib, const char *name);
+const char *pp_py_dlerror(void);
 """
 
 GLUE = r"""
+#include <dlfcn.h>
 #include "pp_server.h"
 
 /* pp_msg with char data, so that the Python side gets bytes from ffi.unpack. */
 typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;
 
-static int _pp_py_batch(void *ctx, pp_reply *reply, const pp_pymsg *msgs,
-                        size_t n, const char *block, size_t block_len,
-                        char *scratch, size_t cap, size_t *count);
+static int _pp_py_batch(void *ctx, pp_reply *reply, uint64_t conn_id,
+                        const pp_pymsg *msgs, size_t n, const char *block,
+                        size_t block_len, char *scratch, size_t cap, size_t *res);
+static int _pp_py_open(void *ctx, pp_reply *reply, uint64_t conn_id,
+                       const char *host, int port, char *scratch, size_t cap,
+                       size_t *res);
+static void _pp_py_close(void *ctx, uint64_t conn_id);
 
 /* Replies that fit go through this buffer on the worker's stack. */
 #define PP_PY_SCRATCH 16384
+
+/* Queues what Python left in scratch: res[0] bytes holding res[1] replies. */
+static int flush_scratch(pp_reply *reply, const char *scratch, const size_t *res,
+                         int status)
+{
+    if (res[0] > 0 && pp_reply_send_framed(reply, scratch, res[0], res[1]) < 0)
+        return -1;
+    return status;
+}
 
 /* The core's batch hook: one trip into Python (one GIL acquisition) per task
  * rather than one per message.  Python copies the framed replies into scratch
@@ -117,24 +145,54 @@ static int _pp_py_batch(void *ctx, pp_reply *reply, const pp_pymsg *msgs,
 int pp_py_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
 {
     char scratch[PP_PY_SCRATCH];
-    size_t count = 0;
+    size_t res[2] = {0, 0};
     /* The frames lie back to back: from the first message to the end of the
-     * last frame is the whole task, which line framing splits in one call.
-     * The delimiter's length is what follows the last message. */
+     * last one is the whole task (less the last delimiter). */
     const char *block = (const char *)msgs[0].data;
     size_t block_len = (size_t)((const char *)msgs[n - 1].data - block) + msgs[n - 1].len;
-    int rc = _pp_py_batch(ctx, reply, (const pp_pymsg *)msgs, n, block,
-                          block_len, scratch, sizeof scratch, &count);
-    /* rc: -1 - bytes in scratch after a failure, else bytes in scratch. */
-    size_t used = rc < 0 ? (size_t)(-1 - rc) : (size_t)rc;
-    if (used > 0 && pp_reply_send_framed(reply, scratch, used, count) < 0)
-        return -1;
-    return rc < 0 ? -1 : PP_KEEP;
+    int st = _pp_py_batch(ctx, reply, pp_reply_conn_id(reply),
+                          (const pp_pymsg *)msgs, n, block, block_len, scratch,
+                          sizeof scratch, res);
+    return flush_scratch(reply, scratch, res, st);
 }
 
-uint64_t pp_py_conn_id(pp_reply *reply)
+int pp_py_open(void *ctx, pp_reply *reply)
 {
-    return pp_reply_conn_id(reply);
+    char scratch[PP_PY_SCRATCH];
+    size_t res[2] = {0, 0};
+    char host[64] = "";
+    int port = 0;
+    pp_reply_peer(reply, host, sizeof host, &port);
+    int st = _pp_py_open(ctx, reply, pp_reply_conn_id(reply), host, port,
+                         scratch, sizeof scratch, res);
+    return flush_scratch(reply, scratch, res, st);
+}
+
+void pp_py_close(void *ctx, uint64_t conn_id)
+{
+    _pp_py_close(ctx, conn_id);
+}
+
+/* The echo handler itself: ffi.addressof() would give cffi's wrapper. */
+pp_handler_fn pp_py_echo_fn(void)
+{
+    return pp_handler_echo;
+}
+
+void *pp_py_dlopen(const char *path)
+{
+    return dlopen(path, RTLD_NOW | RTLD_LOCAL);
+}
+
+void *pp_py_dlsym(void *lib, const char *name)
+{
+    dlerror();
+    return dlsym(lib, name);
+}
+
+const char *pp_py_dlerror(void)
+{
+    return dlerror();
 }
 """
 
@@ -151,7 +209,7 @@ ffi.set_source(
     include_dirs=[_CSRC],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-fvisibility=hidden"],
-    libraries=["pthread"],
+    libraries=["pthread", "dl"],
 )
 
 if __name__ == "__main__":

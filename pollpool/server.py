@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import logging
 import os
 import threading
@@ -12,6 +13,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ._core import ffi, lib
 from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
+from .connection import Connection
 from .handlers import NativeHandler
 
 log = logging.getLogger("pollpool")
@@ -32,54 +34,107 @@ _RUNNING: "weakref.WeakSet[Server]" = weakref.WeakSet()
 
 
 class _PyHandler:
-    """What a worker reaches through the batch callback's ctx pointer: the
-    handler and what it takes to cut messages and frame replies in Python."""
+    """What a worker reaches through the ctx pointer: the handler and what it
+    takes to cut messages and frame replies in Python.
 
-    __slots__ = ("fn", "name", "delim", "header_bytes", "reply_max")
+    A plain callable gets ``message``; a connection-aware handler (an object
+    with any of ``on_connect``, ``on_message``, ``on_disconnect``) gets the
+    :class:`Connection` too, and its events."""
 
-    def __init__(self, fn: Handler, framing: Framing) -> None:
-        self.fn = fn
-        self.name = getattr(fn, "__qualname__", None) or repr(fn)
+    __slots__ = ("fn", "name", "delim", "header_bytes", "reply_max", "aware",
+                 "on_connect", "on_message", "on_disconnect", "conns")
+
+    def __init__(self, handler: Any, framing: Framing) -> None:
+        self.aware = is_connection_aware(handler)
+        self.fn = None if self.aware else handler
+        self.on_connect = getattr(handler, "on_connect", None) if self.aware else None
+        self.on_message = getattr(handler, "on_message", None) if self.aware else None
+        self.on_disconnect = getattr(handler, "on_disconnect", None) if self.aware else None
+        # Touched only with the GIL held, by the worker running the
+        # connection's task: one task per connection is in flight at a time.
+        self.conns: Dict[int, Connection] = {}
+        self.name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
         self.delim = framing.delimiter if isinstance(framing, Lines) else None
         self.header_bytes = framing.header_bytes if isinstance(framing, LengthPrefixed) else 0
         hb = self.header_bytes
         self.reply_max = (1 << (8 * hb)) - 1 if 0 < hb < 8 else None
 
 
+def is_connection_aware(handler: Any) -> bool:
+    return any(callable(getattr(handler, name, None))
+               for name in ("on_connect", "on_message", "on_disconnect"))
+
+
 def _batch_failed(exc_type: Any, exc: Any, tb: Any) -> None:
     # Only a BaseException (KeyboardInterrupt, SystemExit) gets here: the
-    # callback catches every Exception itself.  The connection is closed.
+    # callbacks catch every Exception themselves.  The connection is closed.
     log.error("handler interrupted; closing its connection", exc_info=(exc_type, exc, tb))
 
 
+def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
+          cap: int, res: Any) -> bool:
+    """Frames results into scratch (res = [bytes, replies]) or, if they do
+    not fit, queues them directly.  Returns False if a result was bad."""
+    delim = h.delim
+    data = None
+    ok = True
+    if delim is not None:
+        try:  # the common case: every result is bytes-like
+            data = delim.join(results) + delim if results else b""
+            count = len(results)
+        except TypeError:
+            pass
+    if data is None:
+        data, count, ok = _frame_checked(h, results, conn_id)
+    size = len(data)
+    if size > cap:
+        # Too big for the stack buffer: queue it directly (the GIL is let go).
+        if lib.pp_reply_send_framed(reply, data, size, count) < 0:
+            log.error("out of memory queueing replies on connection %d; closing it", conn_id)
+            return False
+    elif size:
+        ffi.memmove(scratch, data, size)
+        res[0] = size
+        res[1] = count
+    return ok
+
+
 @ffi.def_extern(error=-1, onerror=_batch_failed)
-def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, block: Any, block_len: int,
-                 scratch: Any, cap: int, count: Any) -> int:
+def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: Any,
+                 block_len: int, scratch: Any, cap: int, res: Any) -> int:
     # Runs on a worker thread with the GIL held, once per task: the whole
     # messages of one connection.  Any C call would release and retake the
     # GIL, so messages come in with one copy (line frames are contiguous and
     # split at C speed) and framed replies leave through scratch, copied
     # with ffi.memmove (which keeps the GIL); pp_py_batch queues them.
-    # Returns the bytes put in scratch, or -1 minus that after a failure.
+    # Returns PP_KEEP (0), PP_CLOSE (1) or -1 to close on an error.
     h: _PyHandler = ffi.from_handle(ctx)
     delim = h.delim
+    conn = None
+    if h.aware:
+        conn = h.conns[conn_id]
+        if h.on_message is None:
+            return 0
+        fn = functools.partial(h.on_message, conn)
+    else:
+        fn = h.fn
     messages: Optional[list]
     results: list
     if delim is not None and n == 1:
         # The common case under light pipelining: one line, one bytes reply.
         try:
-            out = h.fn(ffi.unpack(block, block_len))
+            out = fn(ffi.unpack(block, block_len))
         except Exception:
-            log.exception("handler %s failed on connection %d; closing it",
-                          h.name, lib.pp_py_conn_id(reply))
+            log.exception("handler %s failed on connection %d; closing it", h.name, conn_id)
             return -1
         if type(out) is bytes and len(out) < cap:
             data = out + delim
             ffi.memmove(scratch, data, len(data))
-            count[0] = 1
-            return len(data)
-        messages = None
+            res[0] = len(data)
+            res[1] = 1
+            return 1 if conn is not None and conn.closing else 0
         results = [out]
+        messages = None
     elif delim is not None and block_len <= 512 * n:
         # Small lines: one copy of the block and a split beat n unpacks.
         messages = ffi.unpack(block, block_len + len(delim)).split(delim)
@@ -89,40 +144,59 @@ def _pp_py_batch(ctx: Any, reply: Any, msgs: Any, n: int, block: Any, block_len:
         messages = [unpack(m.data, m.len) for m in msgs[0:n]]
     failed = False
     if messages is not None:
-        fn = h.fn
         results = []
         append = results.append
         try:
-            for msg in messages:
-                append(fn(msg))
+            if conn is None:
+                for msg in messages:
+                    append(fn(msg))
+            else:
+                for msg in messages:
+                    append(fn(msg))
+                    if conn.closing:
+                        break
         except Exception:
             failed = True
-            log.exception("handler %s failed on connection %d; closing it",
-                          h.name, lib.pp_py_conn_id(reply))
-    data = None
-    if delim is not None:
-        try:  # the common case: every result is bytes-like
-            data = delim.join(results) + delim if results else b""
-            count[0] = len(results)
-        except TypeError:
-            pass
-    if data is None:
-        data, count[0], ok = _frame_checked(h, results, reply)
-        failed = failed or not ok
-    size = len(data)
-    if size > cap:
-        # Too big for the stack buffer: queue it directly (the GIL is let go).
-        if lib.pp_reply_send_framed(reply, data, size, count[0]) < 0:
-            log.error("out of memory queueing replies on connection %d; closing it",
-                      lib.pp_py_conn_id(reply))
-            return -1
-        size = 0
-    elif size:
-        ffi.memmove(scratch, data, size)
-    return -1 - size if failed else size
+            log.exception("handler %s failed on connection %d; closing it", h.name, conn_id)
+    if not _emit(h, results, reply, conn_id, scratch, cap, res) or failed:
+        return -1
+    return 1 if conn is not None and conn.closing else 0
 
 
-def _frame_checked(h: _PyHandler, results: list, reply: Any) -> Tuple[bytes, int, bool]:
+@ffi.def_extern(error=-1, onerror=_batch_failed)
+def _pp_py_open(ctx: Any, reply: Any, conn_id: int, host: Any, port: int, scratch: Any,
+                cap: int, res: Any) -> int:
+    # A connection-aware handler's connection arrived: the first task of
+    # that connection, so no message of it can come before.
+    h: _PyHandler = ffi.from_handle(ctx)
+    conn = Connection(conn_id, (ffi.string(host).decode(), port))
+    h.conns[conn_id] = conn
+    if h.on_connect is None:
+        return 0
+    try:
+        out = h.on_connect(conn)
+    except Exception:
+        log.exception("%s.on_connect failed on connection %d; closing it", h.name, conn_id)
+        return -1
+    if out is not None and not _emit(h, [out], reply, conn_id, scratch, cap, res):
+        return -1
+    return 1 if conn.closing else 0
+
+
+@ffi.def_extern(onerror=_batch_failed)
+def _pp_py_close(ctx: Any, conn_id: int) -> None:
+    # The connection's last task: after it, nothing of it reaches Python.
+    h: _PyHandler = ffi.from_handle(ctx)
+    conn = h.conns.pop(conn_id, None)
+    if conn is None or h.on_disconnect is None:
+        return
+    try:
+        h.on_disconnect(conn)
+    except Exception:
+        log.exception("%s.on_disconnect failed on connection %d", h.name, conn_id)
+
+
+def _frame_checked(h: _PyHandler, results: list, conn_id: int) -> Tuple[bytes, int, bool]:
     """Frames results one by one, skipping None, up to the first that is not
     bytes-like or does not fit the length header.  Returns the framed bytes,
     how many replies they hold, and whether all results were good."""
@@ -135,7 +209,7 @@ def _frame_checked(h: _PyHandler, results: list, reply: Any) -> Tuple[bytes, int
             if not isinstance(out, (bytearray, memoryview)):
                 log.error("handler %s returned %s on connection %d; expected bytes, "
                           "bytearray, memoryview or None; closing it",
-                          h.name, type(out).__name__, lib.pp_py_conn_id(reply),
+                          h.name, type(out).__name__, conn_id,
                           exc_info=TypeError(f"bad reply type {type(out).__name__}"))
                 break
             out = bytes(out)
@@ -143,7 +217,7 @@ def _frame_checked(h: _PyHandler, results: list, reply: Any) -> Tuple[bytes, int
             if reply_max is not None and len(out) > reply_max:
                 log.error("handler %s returned %d bytes on connection %d, more than "
                           "a %d-byte length header can carry; closing it",
-                          h.name, len(out), lib.pp_py_conn_id(reply), hb)
+                          h.name, len(out), conn_id, hb)
                 break
             parts.append(len(out).to_bytes(hb, "big"))
             parts.append(out)
@@ -193,8 +267,10 @@ class Server:
         drain_timeout: float = 10.0,
         shutdown_message: Optional[BytesLike] = None,
     ) -> None:
-        if not isinstance(handler, NativeHandler) and not callable(handler):
-            raise TypeError("handler must be callable or a pollpool.NativeHandler")
+        if not isinstance(handler, NativeHandler) and not callable(handler) \
+                and not is_connection_aware(handler):
+            raise TypeError("handler must be callable, have on_connect/on_message/"
+                            "on_disconnect methods, or be a pollpool.NativeHandler")
         if not isinstance(host, str):
             raise TypeError(f"host must be a str, not {type(host).__name__}")
         self.handler = handler
@@ -276,12 +352,16 @@ class Server:
             cfg.shutdown_message = msg
             cfg.shutdown_message_len = len(self.shutdown_message)
         if isinstance(self.handler, NativeHandler):
-            cfg.handler, cfg.ctx = self.handler._pointers()
+            cfg.handler, cfg.ctx, cfg.on_open, cfg.on_close = self.handler._pointers()
         else:
-            self._handle = ffi.new_handle(_PyHandler(self.handler, self.framing))
+            state = _PyHandler(self.handler, self.framing)
+            self._handle = ffi.new_handle(state)
             cfg.handler = ffi.NULL
             cfg.batch = lib.pp_py_batch
             cfg.ctx = self._handle
+            if state.aware:
+                cfg.on_open = lib.pp_py_open
+                cfg.on_close = lib.pp_py_close
         out = ffi.new("pp_server **")
         rc = lib.pp_server_new(cfg, out)
         if rc < 0:

@@ -1631,6 +1631,106 @@ static void test_drain_timeout(void)
 
 /* 16 clients, messages of 1..8 KiB in random pieces, 4 workers, and several
  * rounds of new/start/stop/free. */
+/* Connection events: open strictly before a connection's first message,
+ * close once after its last, never a message outside them, even with 8
+ * workers, clients that reset, and a stop with connections still open. */
+#define EV_MAX 4096
+static atomic_int ev_state[EV_MAX];    /* 0 never seen, 1 open, 2 closed */
+static atomic_int ev_opens, ev_closes, ev_bad;
+
+static int ev_open(void *ctx, pp_reply *reply)
+{
+    (void)ctx;
+    uint64_t id = pp_reply_conn_id(reply);
+    CHECK(id > 0 && id < EV_MAX);
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&ev_state[id], &expected, 1))
+        atomic_fetch_add(&ev_bad, 1);
+    atomic_fetch_add(&ev_opens, 1);
+    return pp_reply_write(reply, "hi", 2) < 0 ? -1 : PP_KEEP;
+}
+
+static void ev_close(void *ctx, uint64_t id)
+{
+    (void)ctx;
+    CHECK(id > 0 && id < EV_MAX);
+    int expected = 1;
+    if (!atomic_compare_exchange_strong(&ev_state[id], &expected, 2))
+        atomic_fetch_add(&ev_bad, 1);
+    atomic_fetch_add(&ev_closes, 1);
+}
+
+static int ev_echo(void *ctx, const unsigned char *msg, size_t len, pp_reply *reply)
+{
+    uint64_t id = pp_reply_conn_id(reply);
+    if (id >= EV_MAX || atomic_load(&ev_state[id]) != 1)
+        atomic_fetch_add(&ev_bad, 1);
+    return pp_handler_echo(ctx, msg, len, reply);
+}
+
+typedef struct { int port; int k; } ev_arg;
+
+static void *ev_client(void *arg)
+{
+    ev_arg *a = arg;
+    uint64_t rng = 0xe7e7 + (uint64_t)a->k;
+    for (int round = 0; round < 5; round++) {
+        int fd = client_connect(a->port);
+        expect_reply(fd, &LINE_LF, "hi");
+        int n = (int)check_range(&rng, 0, 20);
+        for (int i = 0; i < n; i++)
+            send_str(fd, &LINE_LF, "ping");
+        if (check_rand(&rng) % 3 == 0) {
+            struct linger lg = {1, 0}; /* RST, maybe before the replies */
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        } else {
+            for (int i = 0; i < n; i++)
+                expect_reply(fd, &LINE_LF, "ping");
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+static void test_connection_events(void)
+{
+    alarm(120);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.threads = 8;
+    cfg.handler = ev_echo;
+    cfg.on_open = ev_open;
+    cfg.on_close = ev_close;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    enum { NCLIENTS = 24 };
+    pthread_t th[NCLIENTS];
+    ev_arg args[NCLIENTS];
+    for (int i = 0; i < NCLIENTS; i++) {
+        args[i] = (ev_arg){port, i};
+        CHECK_EQ(pthread_create(&th[i], NULL, ev_client, &args[i]), 0);
+    }
+    for (int i = 0; i < NCLIENTS; i++)
+        pthread_join(th[i], NULL);
+    /* Three left open: the stop owes them their close events too. */
+    int open_fds[3];
+    for (int i = 0; i < 3; i++) {
+        open_fds[i] = client_connect(port);
+        expect_reply(open_fds[i], &LINE_LF, "hi");
+    }
+    pp_stats st;
+    server_down(srv, &st);
+    for (int i = 0; i < 3; i++) {
+        expect_eof(open_fds[i]);
+        close(open_fds[i]);
+    }
+    CHECK_EQ(st.accepted, NCLIENTS * 5 + 3);
+    CHECK_EQ(atomic_load(&ev_opens), NCLIENTS * 5 + 3);
+    CHECK_EQ(atomic_load(&ev_closes), NCLIENTS * 5 + 3);
+    CHECK_EQ(atomic_load(&ev_bad), 0);
+    CHECK_EQ(st.forced_closes, 0);
+}
+
 static void test_stress(void)
 {
     enum { NCLIENT = 16 };
@@ -1786,6 +1886,7 @@ int main(int argc, char **argv)
     RUN("run_with_signals", test_run_on_caller_thread(1));
     RUN("second_signal_forces", test_second_signal_forces());
     RUN("drain_timeout", test_drain_timeout());
+    RUN("connection_events", test_connection_events());
     RUN("stress", test_stress());
     RUN("forced_stop_stuck", test_forced_stop_with_stuck_handlers());
     sem_destroy(&H.entered);
