@@ -56,6 +56,8 @@ typedef struct pp_conn {
     size_t in_framed;           /* bytes at the start of in that are whole frames */
     size_t in_scanned;          /* framer hint for the partial frame after them */
     int64_t linger_deadline;    /* ms, CLOCK_MONOTONIC */
+    int64_t last_active;        /* ms: last byte read or task finished */
+    int64_t out_since;          /* ms: pending output last moved (or began) */
     struct pp_conn *next_ready;
 
     /* Owner of the task: the worker while in flight, else the I/O thread. */
@@ -73,13 +75,19 @@ typedef struct pp_conn {
 typedef struct pp_iostats {
     _Atomic uint64_t accepted, closed, bytes_in, bytes_out, oversize_frames;
     _Atomic uint64_t accept_errors, read_errors, write_errors, accept_paused;
-    _Atomic uint64_t forced_closes, nomem_errors;
+    _Atomic uint64_t forced_closes, nomem_errors, rejected, idle_closes;
+    _Atomic uint64_t send_timeouts, output_overflows;
 } pp_iostats;
 
 struct pp_server {
     pp_config cfg;
     pp_framing framing;
     unsigned char *shutdown_msg;
+    unsigned char *reject_msg;  /* framed, ready to send */
+    size_t reject_len;
+    long fd_limit;
+    int64_t now;                /* ms, read once per loop round */
+    int64_t timer_at;           /* ms: next idle/send-timeout scan, 0 = none */
     size_t in_limit;            /* stop reading a connection holding this much */
 
     int listen_fd[PP_MAX_LISTENERS];

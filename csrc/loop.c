@@ -169,13 +169,37 @@ static void accept_resume(pp_server *srv)
         srv->pfds[1 + i].fd = srv->listen_fd[i];
 }
 
+/* Turns one waiting connection away with the framed rejection message.
+ * Returns 0, or -1 when there is none to take or accepting failed. */
+static int reject_one(pp_server *srv, int lfd)
+{
+    int fd;
+    do
+        fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -1;
+    /* Best effort: a fresh socket's buffer takes a short message whole. */
+    ssize_t n = send(fd, srv->reject_msg, srv->reject_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)n;
+    shutdown(fd, SHUT_WR);
+    close(fd);
+    pp__stat_add(&srv->stats.rejected, 1);
+    return 0;
+}
+
 static void do_accept(pp_server *srv, int lfd)
 {
-    for (;;) {
+    for (int rejected = 0;;) {
         size_t max = srv->cfg.max_connections;
         if (max && srv->nconns >= max) {
-            /* Resumed by the next close; the backlog holds the rest. */
-            accept_pause(srv, 0);
+            /* Either say no to each newcomer (a bounded number per round,
+             * so a flood cannot hold the loop), or stop accepting until a
+             * connection closes and let the backlog hold the rest. */
+            if (srv->reject_msg && rejected++ < 64 && reject_one(srv, lfd) == 0)
+                continue;
+            if (!srv->reject_msg)
+                accept_pause(srv, 0);
             return;
         }
         pp_conn *c = NULL;
@@ -221,6 +245,7 @@ static void do_accept(pp_server *srv, int lfd)
         c->fd = fd;
         srv->pfds[c->slot].fd = fd;
         c->id = ++srv->next_id;
+        c->last_active = srv->now;
         memcpy(&c->peer, &ss, sl);
         c->peer_len = sl;
         srv->nconns++;
@@ -435,6 +460,7 @@ static void conn_read(pp_server *srv, pp_conn *c)
         ssize_t n = recv(c->fd, c->in.data + c->in.len, room, 0);
         if (n > 0) {
             c->in.len += (size_t)n;
+            c->last_active = srv->now;
             c->flags &= ~PP_C_QUIET;
             pp__stat_add(&srv->stats.bytes_in, (uint64_t)n);
             /* A short read almost always means the socket is empty; the next
@@ -515,6 +541,8 @@ static void conn_flush(pp_server *srv, pp_conn *c)
     uint64_t sent = 0;
     int rc = pp__conn_flush(c, &sent);
     pp__stat_add(&srv->stats.bytes_out, sent);
+    if (sent)
+        c->out_since = srv->now;
     if (rc < 0) {
         pp__stat_add(&srv->stats.write_errors, 1);
         c->flags |= PP_C_BROKEN;
@@ -602,8 +630,16 @@ static void on_complete(pp_server *srv, pp_conn *c)
         c->flags |= PP_C_CLOSE; /* PP_CLOSE or an error: send what is there */
     if (srv->forcing)
         c->flags |= PP_C_BROKEN;
-    if (pp__buf_size(&c->out) == 0)
+    c->last_active = c->out_since = srv->now;
+    size_t pending = pp__buf_size(&c->out);
+    if (pending == 0) {
         pp__buf_reset(&c->out, PP_KEEP_BUF);
+    } else if (srv->cfg.output_limit && pending > srv->cfg.output_limit) {
+        /* Reading already stops at the high-water mark; only a handler whose
+         * replies dwarf its input gets here. */
+        pp__stat_add(&srv->stats.output_overflows, 1);
+        c->flags |= PP_C_BROKEN;
+    }
     conn_progress(srv, c);
 }
 
@@ -667,6 +703,37 @@ static void expire_lingers(pp_server *srv, int64_t now)
     srv->linger_check_at = srv->nlinger ? now + PP_LINGER_POLL_MS : 0;
 }
 
+/* Closes connections silent for idle_timeout, and those whose pending output
+ * has not moved for send_timeout (a peer that stopped reading).  A scan, but
+ * a few times per timeout only, never per event. */
+static void check_timers(pp_server *srv, int64_t now)
+{
+    int64_t idle = (int64_t)(srv->cfg.idle_timeout * 1000.0);
+    int64_t stall = (int64_t)(srv->cfg.send_timeout * 1000.0);
+    if ((idle <= 0 && stall <= 0) || now < srv->timer_at)
+        return;
+    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);) {
+        pp_conn *c = srv->conns[i];
+        if (c->flags & (PP_C_IN_FLIGHT | PP_C_LINGER | PP_C_RETIRING | PP_C_BROKEN))
+            continue;
+        if (pp__buf_size(&c->out) > 0) {
+            if (stall > 0 && now - c->out_since >= stall) {
+                pp__stat_add(&srv->stats.send_timeouts, 1);
+                c->flags |= PP_C_BROKEN;
+                conn_progress(srv, c);
+            }
+        } else if (idle > 0 && c->in_framed == 0 && !(c->flags & PP_C_CLOSE) &&
+                   now - c->last_active >= idle) {
+            pp__stat_add(&srv->stats.idle_closes, 1);
+            c->flags |= PP_C_CLOSE;
+            conn_progress(srv, c);
+        }
+    }
+    int64_t shortest = idle > 0 && (stall <= 0 || idle < stall) ? idle : stall;
+    int64_t tick = shortest / 4;
+    srv->timer_at = now + (tick < 10 ? 10 : tick > 1000 ? 1000 : tick);
+}
+
 static void begin_drain(pp_server *srv)
 {
     srv->draining = 1;
@@ -716,6 +783,7 @@ static int poll_timeout(pp_server *srv, int64_t now)
         PP_SOONER(srv->drain_deadline);
     PP_SOONER(srv->accept_retry_at);
     PP_SOONER(srv->linger_check_at);
+    PP_SOONER(srv->timer_at);
 #undef PP_SOONER
     if (until < 0)
         return -1;
@@ -735,7 +803,7 @@ int pp__loop_run(pp_server *srv)
             begin_drain(srv);
         if (level >= 2 && !srv->forcing)
             begin_force(srv);
-        int64_t now = pp__now_ms();
+        int64_t now = srv->now = pp__now_ms();
         if (srv->forcing && now >= srv->force_deadline)
             break;
         if (srv->draining && !srv->forcing && now >= srv->drain_deadline) {
@@ -750,6 +818,7 @@ int pp__loop_run(pp_server *srv)
         if (srv->accept_retry_at && now >= srv->accept_retry_at)
             accept_resume(srv);
         expire_lingers(srv, now);
+        check_timers(srv, now);
         if (srv->draining && srv->nconns == 0)
             break;
 
@@ -767,6 +836,7 @@ int pp__loop_run(pp_server *srv)
             timeout = 0;
         int n = poll(srv->pfds, srv->npfds, timeout);
         atomic_store(&srv->io_armed, 0);
+        srv->now = pp__now_ms(); /* poll() may have slept long */
         if (n < 0) {
             if (errno == EINTR)
                 continue;

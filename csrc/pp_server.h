@@ -52,6 +52,15 @@ typedef struct pp_config {
     double drain_timeout;       /* seconds graceful shutdown may take */
     const unsigned char *shutdown_message; /* copied; NULL = none */
     size_t shutdown_message_len;
+    double idle_timeout;        /* close connections silent this long; 0 = never */
+    double send_timeout;        /* close when pending output moves not at all
+                                   for this long (a peer that stopped reading);
+                                   0 = never */
+    size_t output_limit;        /* pending output above this closes; 0 = none */
+    const unsigned char *reject_message; /* with max_connections: accept the
+                                   extra connection, send this framed, close;
+                                   NULL = pause accepting instead.  Copied. */
+    size_t reject_message_len;
     pp_handler_fn handler;      /* exactly one of handler and batch */
     pp_batch_fn batch;
     void *ctx;                  /* passed to handler, batch and the hooks */
@@ -76,12 +85,17 @@ typedef struct pp_stats {
     uint64_t nomem_errors;      /* connections closed because memory ran out */
     uint64_t accept_paused;     /* times accepting paused (EMFILE, max_connections) */
     uint64_t forced_closes;     /* connections cut by a forced or timed-out drain */
+    uint64_t rejected;          /* connections turned away at max_connections */
+    uint64_t idle_closes;       /* connections closed by idle_timeout */
+    uint64_t send_timeouts;     /* connections closed by send_timeout */
+    uint64_t output_overflows;  /* connections closed by output_limit */
 } pp_stats;
 
 typedef struct pp_server pp_server;
 
 /* Fills cfg with the defaults: 127.0.0.1:9000, 4 threads, line framing with
- * "\n", 1 MiB messages, 4 MiB output high-water, 10 s drain. */
+ * "\n", 1 MiB messages, 4 MiB output high-water, 10 s drain, 60 s send
+ * timeout, 64 MiB output limit, no idle timeout. */
 void pp_config_init(pp_config *cfg);
 
 /* Validates cfg, binds and listens, and creates the worker pool; the server
@@ -122,6 +136,10 @@ int pp_server_was_forced(const pp_server *srv);
 
 /* Copies the counters.  Any thread. */
 void pp_server_stats(const pp_server *srv, pp_stats *out);
+
+/* The process's file descriptor limit after pp_server_new() raised the soft
+ * RLIMIT_NOFILE towards the hard one (as Redis and nginx do at start). */
+long pp_server_fd_limit(const pp_server *srv);
 
 /* Frees the server once its loop has returned (or was never run).  Workers
  * still stuck in a handler after a forced stop are left to finish; the last of

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #ifdef __linux__
 #include <sys/eventfd.h>
@@ -33,6 +34,8 @@ void pp_config_init(pp_config *cfg)
     cfg->max_message_size = 1 << 20;
     cfg->output_high_water = 4 << 20;
     cfg->drain_timeout = 10.0;
+    cfg->send_timeout = 60.0;
+    cfg->output_limit = 64 << 20;
     cfg->handler = pp_handler_echo;
 }
 
@@ -45,6 +48,10 @@ static int validate(const pp_config *cfg)
     if ((cfg->handler == NULL) == (cfg->batch == NULL))
         return -EINVAL;
     if (cfg->shutdown_message_len && cfg->shutdown_message == NULL)
+        return -EINVAL;
+    if (cfg->reject_message_len && cfg->reject_message == NULL)
+        return -EINVAL;
+    if (!(cfg->idle_timeout >= 0.0) || !(cfg->send_timeout >= 0.0))
         return -EINVAL;
     return 0;
 }
@@ -79,6 +86,28 @@ static void wake_close(pp_server *srv)
     srv->wake_rd = srv->wake_wr = -1;
 }
 
+/* Raises the soft fd limit to the hard one: a server's connection count is
+ * bounded by it, and the default soft limit (1024) is far below what the
+ * hard limit allows.  Returns the limit now in force. */
+static long raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return -1;
+    if (rl.rlim_cur < rl.rlim_max) {
+        struct rlimit want = rl;
+        want.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &want) == 0)
+            rl = want;
+    }
+    return rl.rlim_cur == RLIM_INFINITY ? -1 : (long)rl.rlim_cur;
+}
+
+long pp_server_fd_limit(const pp_server *srv)
+{
+    return srv->fd_limit;
+}
+
 static void orphan_free(void *arg)
 {
     pp__server_destroy(arg);
@@ -103,6 +132,7 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     /* The host string is the caller's; keep only what the bind needs now. */
     srv->cfg.host = NULL;
     srv->cfg.shutdown_message = NULL;
+    srv->cfg.reject_message = NULL;
     if ((rc = pp__framing_init(&srv->framing, cfg)) < 0)
         goto fail;
     /* Room for one largest frame plus its framing, and some pipelining. */
@@ -115,6 +145,17 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
         }
         memcpy(srv->shutdown_msg, cfg->shutdown_message, cfg->shutdown_message_len);
     }
+    if (cfg->reject_message != NULL) {
+        pp_buf b = {0};
+        if ((rc = pp__frame_append(&srv->framing, &b, cfg->reject_message,
+                                   cfg->reject_message_len)) < 0) {
+            pp__buf_free(&b);
+            goto fail;
+        }
+        srv->reject_msg = b.data; /* off is 0: nothing was consumed */
+        srv->reject_len = b.len;
+    }
+    srv->fd_limit = raise_fd_limit();
     if ((rc = pp__pool_init(&srv->pool, cfg->threads, pp__task_run, srv)) < 0)
         goto fail;
     srv->pool.orphan_free = orphan_free;
@@ -149,6 +190,7 @@ fail_pool:
     pp__pool_destroy(&srv->pool);
 fail:
     free(srv->shutdown_msg);
+    free(srv->reject_msg);
     free(srv);
     return rc;
 }
@@ -285,6 +327,10 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
     s->accept_paused = PP_LD(io->accept_paused);
     s->forced_closes = PP_LD(io->forced_closes);
     s->nomem_errors = PP_LD(io->nomem_errors);
+    s->rejected = PP_LD(io->rejected);
+    s->idle_closes = PP_LD(io->idle_closes);
+    s->send_timeouts = PP_LD(io->send_timeouts);
+    s->output_overflows = PP_LD(io->output_overflows);
     for (int i = 0; i < srv->pool.nthreads; i++) {
         const pp_wstats *w = &srv->pool.workers[i].stats;
         s->messages += PP_LD(w->messages);
@@ -313,6 +359,7 @@ void pp__server_destroy(pp_server *srv)
     wake_close(srv);
     pp__pool_destroy(&srv->pool);
     free(srv->shutdown_msg);
+    free(srv->reject_msg);
     free(srv);
 }
 

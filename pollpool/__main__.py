@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a graceful shutdown may take (default 10)")
     p.add_argument("--shutdown-message", default=None,
                    help="text sent, framed, to every client on shutdown")
+    p.add_argument("--idle-timeout", type=float, default=0.0,
+                   help="close connections silent this many seconds (default 0: never)")
+    p.add_argument("--send-timeout", type=float, default=60.0,
+                   help="close connections whose pending replies do not move for this "
+                        "many seconds (default 60; 0: never)")
+    p.add_argument("--output-limit", type=int, default=64 * 1024 * 1024,
+                   help="pending output per connection that closes it (bytes; 0: none)")
+    p.add_argument("--reject-message", default=None,
+                   help="with --max-connections: accept extra clients, send this, close "
+                        "(default: pause accepting)")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     p.add_argument("--version", action="version", version=f"pollpool {__version__}")
     return p
@@ -82,6 +92,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             queue_size=args.queue_size,
             drain_timeout=args.drain_timeout,
             shutdown_message=None if args.shutdown_message is None else args.shutdown_message.encode(),
+            idle_timeout=args.idle_timeout,
+            send_timeout=args.send_timeout,
+            output_limit=args.output_limit,
+            reject_message=None if args.reject_message is None else args.reject_message.encode(),
         )
         host, port = server.listen()
     except (ValueError, TypeError, ImportError, AttributeError) as e:
@@ -92,6 +106,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     shown = f"[{host}]" if ":" in host else host
     print(f"pollpool listening on {shown}:{port}", flush=True)
+    if server.fd_limit is not None:
+        logging.getLogger("pollpool").info("fd limit %d: at most about %d connections",
+                                           server.fd_limit, server.fd_limit - 16)
     stats = server.serve_forever()
     print("pollpool stopped: " + json.dumps(stats), flush=True)
     return 130 if server.forced else 0

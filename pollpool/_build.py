@@ -46,6 +46,11 @@ typedef struct pp_config {
     double drain_timeout;
     const unsigned char *shutdown_message;
     size_t shutdown_message_len;
+    double idle_timeout;
+    double send_timeout;
+    size_t output_limit;
+    const unsigned char *reject_message;
+    size_t reject_message_len;
     pp_handler_fn handler;
     pp_batch_fn batch;
     void *ctx;
@@ -69,6 +74,10 @@ typedef struct pp_stats {
     uint64_t nomem_errors;
     uint64_t accept_paused;
     uint64_t forced_closes;
+    uint64_t rejected;
+    uint64_t idle_closes;
+    uint64_t send_timeouts;
+    uint64_t output_overflows;
 } pp_stats;
 
 typedef struct pp_server pp_server;
@@ -81,6 +90,7 @@ int pp_server_start_workers(pp_server *srv);
 int pp_server_run(pp_server *srv);
 void pp_server_stop(pp_server *srv, int force);
 int pp_server_was_forced(const pp_server *srv);
+long pp_server_fd_limit(const pp_server *srv);
 int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
 void pp_server_stats(const pp_server *srv, pp_stats *out);
 void pp_server_free(pp_server *srv);

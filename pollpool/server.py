@@ -25,6 +25,7 @@ STAT_FIELDS = (
     "accepted", "active", "closed", "messages", "replies", "bytes_in", "bytes_out",
     "oversize_frames", "handler_errors", "accept_errors", "read_errors",
     "write_errors", "nomem_errors", "accept_paused", "forced_closes",
+    "rejected", "idle_closes", "send_timeouts", "output_overflows",
 )
 
 # Handles of servers stopped by force: a worker may still be inside their
@@ -231,6 +232,14 @@ def _frame_checked(h: _PyHandler, results: list, conn_id: int) -> Tuple[bytes, i
     return b"".join(parts), len(parts) // (1 if delim is None and not hb else 2), False
 
 
+def _check_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds")
+    if not 0 <= value <= 86400 * 365:
+        raise ValueError(f"{name} must be between 0 (off) and a year, got {value}")
+    return float(value)
+
+
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -266,6 +275,10 @@ class Server:
         queue_size: int = 4096,
         drain_timeout: float = 10.0,
         shutdown_message: Optional[BytesLike] = None,
+        idle_timeout: float = 0.0,
+        send_timeout: float = 60.0,
+        output_limit: int = 64 * 1024 * 1024,
+        reject_message: Optional[BytesLike] = None,
     ) -> None:
         if not isinstance(handler, NativeHandler) and not callable(handler) \
                 and not is_connection_aware(handler):
@@ -299,6 +312,17 @@ class Server:
                     len(shutdown_message) >= 1 << (8 * f.header_bytes):
                 raise ValueError("shutdown_message is too long for the length header")
         self.shutdown_message: Optional[bytes] = shutdown_message
+        self.idle_timeout = _check_seconds("idle_timeout", idle_timeout)
+        self.send_timeout = _check_seconds("send_timeout", send_timeout)
+        self.output_limit = _check_int("output_limit", output_limit, 0)
+        if reject_message is not None:
+            if not isinstance(reject_message, (bytes, bytearray, memoryview)):
+                raise TypeError("reject_message must be bytes or None")
+            reject_message = bytes(reject_message)
+            if not max_connections:
+                raise ValueError("reject_message needs max_connections")
+        self.reject_message: Optional[bytes] = reject_message
+        self._fd_limit: Optional[int] = None
 
         self._lock = threading.Lock()
         self._srv: Any = None          # pp_server *, guarded by _lock
@@ -346,6 +370,14 @@ class Server:
         else:
             cfg.framing = lib.PP_FRAMING_LENGTH
             cfg.header_bytes = f.header_bytes
+        cfg.idle_timeout = self.idle_timeout
+        cfg.send_timeout = self.send_timeout
+        cfg.output_limit = self.output_limit
+        reject = None
+        if self.reject_message is not None:
+            reject = ffi.from_buffer("unsigned char[]", self.reject_message)
+            cfg.reject_message = reject
+            cfg.reject_message_len = len(self.reject_message)
         msg = None
         if self.shutdown_message is not None:
             msg = ffi.from_buffer("unsigned char[]", self.shutdown_message)
@@ -373,6 +405,8 @@ class Server:
             where = f"{self.host}:{self.port}"
             raise OSError(err, f"cannot listen on {where}: {os.strerror(err)}")
         srv = out[0]
+        limit = lib.pp_server_fd_limit(srv)
+        self._fd_limit = None if limit < 0 else int(limit)
         buf = ffi.new("char[64]")
         port = ffi.new("int *")
         if lib.pp_server_address(srv, buf, 64, port) == 0:
@@ -490,6 +524,13 @@ class Server:
         if self._address is None:
             raise RuntimeError("the server is not listening yet")
         return self._address
+
+    @property
+    def fd_limit(self) -> Optional[int]:
+        """The process's fd limit once listening (the soft RLIMIT_NOFILE,
+        raised to the hard limit at start): the ceiling on open connections,
+        less the few fds the server itself holds.  None if unlimited."""
+        return self._fd_limit
 
     @property
     def running(self) -> bool:
