@@ -195,47 +195,24 @@ def test_hooks_bracket_every_connection_with_8_workers_under_load(make_server, c
     assert stats.counter_closed() - closed0 == 40
 
 
-CFFI_HANDLER = r"""
-    #include <pollpool.h>
-    int shout(void *ctx, const unsigned char *msg, size_t len, pp_reply *reply)
-    {
-        char buf[256];
-        (void)ctx;
-        for (size_t off = 0; off < len; off += sizeof buf) {
-            size_t k = len - off < sizeof buf ? len - off : sizeof buf;
-            for (size_t i = 0; i < k; i++) {
-                unsigned char c = msg[off + i];
-                buf[i] = (char)(c >= 'a' && c <= 'z' ? c - 32 : c);
-            }
-            if (pp_reply_write(reply, buf, k) < 0)
-                return -1;
-        }
-        return PP_KEEP;
-    }
-    int wrong(int a) { return a; }
-"""
-
-
 @pytest.fixture(scope="module")
 def cffi_module(tmp_path_factory):
-    """A user's own cffi extension holding a handler, compiled at test time."""
-    from cffi import FFI
+    """The cffi example (examples/native_cffi/build_handler.py), compiled at
+    test time as a user's package would: its own FFI, pollpool.h included."""
+    import importlib.util
 
     tmp = tmp_path_factory.mktemp("cffi_user")
-    ffi = FFI()
-    ffi.cdef("""
-        typedef struct pp_reply pp_reply;
-        int shout(void *ctx, const unsigned char *msg, size_t len, pp_reply *reply);
-        int wrong(int a);
-    """)
-    ffi.set_source("_pp_user_handler", CFFI_HANDLER, include_dirs=[pollpool.get_include()])
-    ffi.compile(tmpdir=str(tmp))
+    spec = importlib.util.spec_from_file_location(
+        "pp_example_build", ROOT / "examples" / "native_cffi" / "build_handler.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    builder.ffi.compile(tmpdir=str(tmp))
     sys.path.insert(0, str(tmp))
     try:
-        import _pp_user_handler  # type: ignore[import-not-found]
+        import _shout  # type: ignore[import-not-found]
     finally:
         sys.path.remove(str(tmp))
-    return _pp_user_handler
+    return _shout
 
 
 def test_from_pointer_serves_a_cffi_compiled_handler(make_server, cffi_module):
@@ -256,10 +233,15 @@ def test_from_pointer_serves_a_cffi_compiled_handler(make_server, cffi_module):
         d.close()
 
 
-def test_from_pointer_checks_the_signature(cffi_module):
-    wrong = cffi_module.ffi.addressof(cffi_module.lib, "wrong")
+def test_from_pointer_checks_the_signature():
+    from cffi import FFI
+
+    other = FFI()  # a user's FFI: types from another instance are checked too
+    wrong = other.cast("int(*)(int)", 1)
     with pytest.raises(TypeError) as e:
         pollpool.NativeHandler.from_pointer(wrong)
     assert "pp_reply" in str(e.value)
+    right = other.cast("int(*)(void *, const unsigned char *, size_t, void *)", 1)
+    assert pollpool.NativeHandler.from_pointer(right) is not None
     with pytest.raises(ValueError):
         pollpool.NativeHandler.from_pointer(0)
