@@ -215,7 +215,9 @@ ffi.cdef(CDEF)
 ffi.set_source(
     "pollpool._native",
     GLUE,
-    sources=[os.path.relpath(s) for s in SOURCES],
+    # Relative to the project root, where setup.py runs: setuptools refuses
+    # absolute paths in a wheel build.
+    sources=[os.path.relpath(s, os.path.dirname(_HERE)) for s in SOURCES],
     include_dirs=[_CSRC],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-fvisibility=hidden"],
