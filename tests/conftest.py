@@ -22,6 +22,13 @@ import pytest
 
 import pollpool
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "soak: long randomized load tests (POLLPOOL_SOAK_SECONDS, default 30); "
+        "run by default and by .ci/run, deselect with -m 'not soak'")
+
+
 #: Default socket timeout of test clients, in seconds: long enough for a loaded
 #: 2-core machine, short enough that a missing reply fails the test quickly.
 CLIENT_TIMEOUT = 10.0
@@ -608,3 +615,10 @@ CRASH_MARKERS = ("Fatal Python error", "Segmentation fault", "AddressSanitizer",
 def assert_no_crash_text(text: str) -> None:
     for marker in CRASH_MARKERS:
         assert marker not in text, f"child stderr shows {marker!r}:\n{text[-3000:]}"
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
