@@ -632,11 +632,14 @@ static void on_complete(pp_server *srv, pp_conn *c)
         c->flags |= PP_C_BROKEN;
     c->last_active = c->out_since = srv->now;
     size_t pending = pp__buf_size(&c->out);
-    if (pending == 0) {
+    if (c->status == -ENOBUFS) {
+        c->flags |= PP_C_BROKEN; /* the worker stopped at output_limit, counted */
+    } else if (pending == 0) {
         pp__buf_reset(&c->out, PP_KEEP_BUF);
     } else if (srv->cfg.output_limit && pending > srv->cfg.output_limit) {
         /* Reading already stops at the high-water mark; only a handler whose
-         * replies dwarf its input gets here. */
+         * replies dwarf its input gets here (the worker checks as it goes,
+         * every 64 KiB of output). */
         pp__stat_add(&srv->stats.output_overflows, 1);
         c->flags |= PP_C_BROKEN;
     }

@@ -26,6 +26,7 @@ typedef struct reply_impl {
     int error;          /* errno of a failed write; the reply is void */
     uint64_t replies;
     uint64_t sent;      /* bytes sent by this worker for this task */
+    int overflow;       /* output_limit passed: the task must stop */
 } reply_impl;
 
 static int reply_write(pp_reply *r, const void *data, size_t len)
@@ -86,6 +87,25 @@ static int reply_close(reply_impl *ri)
 
 static int maybe_flush(reply_impl *ri);
 
+/* After a whole reply from a batch handler: send if enough waits.  A failed
+ * send means the peer is gone: the task ends with the error recorded, and
+ * replies that cannot be delivered are moot.  Returns -1 with errno =
+ * ENOBUFS once output_limit is passed; the batch handler must stop. */
+static int after_reply(reply_impl *ri)
+{
+    if (ri->conn->send_error)
+        return 0;
+    int rc = maybe_flush(ri);
+    if (rc == -ENOBUFS) {
+        ri->overflow = 1;
+        errno = ENOBUFS;
+        return -1;
+    }
+    if (rc < 0)
+        ri->conn->send_error = -rc;
+    return 0;
+}
+
 int pp_reply_send(pp_reply *r, const void *data, size_t len)
 {
     reply_impl *ri = r->impl;
@@ -95,14 +115,7 @@ int pp_reply_send(pp_reply *r, const void *data, size_t len)
         errno = -rc;
         return -1;
     }
-    /* A failed send means the peer is gone: the task ends with the error
-     * recorded, and the replies that could not be delivered are moot. */
-    if (ri->conn->send_error == 0) {
-        rc = maybe_flush(ri);
-        if (rc < 0)
-            ri->conn->send_error = -rc;
-    }
-    return 0;
+    return after_reply(ri);
 }
 
 int pp_reply_send_framed(pp_reply *r, const void *data, size_t len,
@@ -116,12 +129,7 @@ int pp_reply_send_framed(pp_reply *r, const void *data, size_t len,
         return -1;
     }
     ri->replies += nreplies;
-    if (ri->conn->send_error == 0) {
-        int rc = maybe_flush(ri);
-        if (rc < 0)
-            ri->conn->send_error = -rc;
-    }
-    return 0;
+    return after_reply(ri);
 }
 
 int pp__conn_flush(pp_conn *c, uint64_t *sent)
@@ -147,12 +155,20 @@ int pp__conn_flush(pp_conn *c, uint64_t *sent)
     return 0;
 }
 
-/* Sends between messages when enough is waiting.  Returns 0 or -errno. */
+/* Sends between messages when enough is waiting.  Returns 0, -errno of a
+ * failed send, or -ENOBUFS when what the peer has not taken passes
+ * output_limit: a handler whose replies dwarf its input is stopped within
+ * the task, not after it. */
 static int maybe_flush(reply_impl *ri)
 {
-    if (pp__buf_size(&ri->conn->out) < PP_FLUSH_AT)
+    pp_buf *out = &ri->conn->out;
+    if (pp__buf_size(out) < PP_FLUSH_AT)
         return 0;
-    return pp__conn_flush(ri->conn, &ri->sent);
+    int rc = pp__conn_flush(ri->conn, &ri->sent);
+    if (rc < 0)
+        return rc;
+    size_t limit = ri->srv->cfg.output_limit;
+    return limit && pp__buf_size(out) > limit ? -ENOBUFS : 0;
 }
 
 static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
@@ -175,6 +191,8 @@ static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
         if (st != PP_KEEP)
             return st > 0 ? PP_CLOSE : st;
         rc = maybe_flush(ri);
+        if (rc == -ENOBUFS)
+            return rc;
         if (rc < 0) {
             c->send_error = -rc;
             return PP_KEEP;
@@ -208,6 +226,8 @@ static int run_batch(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
     }
     *nmsg = n;
     int st = srv->cfg.batch(srv->cfg.ctx, r, w->msgs, n);
+    if (((reply_impl *)r->impl)->overflow)
+        return -ENOBUFS;
     return st > 0 ? PP_CLOSE : st;
 }
 
@@ -261,6 +281,8 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     }
     if (st == -ENOMEM)
         pp__stat_add(&w->stats.nomem_errors, 1);
+    else if (st == -ENOBUFS)
+        pp__stat_add(&w->stats.output_overflows, 1);
     else if (st < 0)
         pp__stat_add(&w->stats.handler_errors, 1);
     if (c->send_error == 0 && pp__buf_size(&c->out) > 0) {

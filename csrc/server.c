@@ -339,6 +339,7 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
         s->handler_errors += PP_LD(w->handler_errors);
         s->write_errors += PP_LD(w->write_errors);
         s->nomem_errors += PP_LD(w->nomem_errors);
+        s->output_overflows += PP_LD(w->output_overflows);
     }
 #undef PP_LD
 }

@@ -72,10 +72,16 @@ def _batch_failed(exc_type: Any, exc: Any, tb: Any) -> None:
     log.error("handler interrupted; closing its connection", exc_info=(exc_type, exc, tb))
 
 
+#: Replies a batch may pile up in Python before they are handed to C, where
+#: output_limit is enforced.
+_PY_FLUSH = 256 * 1024
+
+
 def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
-          cap: int, res: Any) -> bool:
+          cap: int, res: Any, direct: bool = False) -> bool:
     """Frames results into scratch (res = [bytes, replies]) or, if they do
-    not fit, queues them directly.  Returns False if a result was bad."""
+    not fit (or direct), queues them in C at once.  Returns False if a
+    result was bad or the connection's output limit was passed."""
     delim = h.delim
     data = None
     ok = True
@@ -88,10 +94,14 @@ def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
     if data is None:
         data, count, ok = _frame_checked(h, results, conn_id)
     size = len(data)
-    if size > cap:
+    if size > cap or direct:
         # Too big for the stack buffer: queue it directly (the GIL is let go).
-        if lib.pp_reply_send_framed(reply, data, size, count) < 0:
-            log.error("out of memory queueing replies on connection %d; closing it", conn_id)
+        if size and lib.pp_reply_send_framed(reply, data, size, count) < 0:
+            if ffi.errno == errno.ENOBUFS:
+                log.warning("connection %d passed its output limit; closing it", conn_id)
+            else:
+                log.error("out of memory queueing replies on connection %d; closing it",
+                          conn_id)
             return False
     elif size:
         ffi.memmove(scratch, data, size)
@@ -147,15 +157,23 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
     if messages is not None:
         results = []
         append = results.append
+        pending = 0
         try:
-            if conn is None:
-                for msg in messages:
-                    append(fn(msg))
-            else:
-                for msg in messages:
-                    append(fn(msg))
-                    if conn.closing:
-                        break
+            for msg in messages:
+                out = fn(msg)
+                append(out)
+                if conn is not None and conn.closing:
+                    break
+                if type(out) is bytes:
+                    pending += len(out)
+                    if pending > _PY_FLUSH:
+                        # Hand what piled up to C, which enforces output_limit
+                        # and starts sending, instead of holding it all here.
+                        if not _emit(h, results, reply, conn_id, scratch, cap, res, True):
+                            return -1
+                        results = []
+                        append = results.append
+                        pending = 0
         except Exception:
             failed = True
             log.exception("handler %s failed on connection %d; closing it", h.name, conn_id)
