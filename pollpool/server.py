@@ -73,8 +73,16 @@ def _batch_failed(exc_type: Any, exc: Any, tb: Any) -> None:
 
 
 #: Replies a batch may pile up in Python before they are handed to C, where
-#: output_limit is enforced.
+#: output_limit is enforced, checked every _PY_CHUNK messages.
 _PY_FLUSH = 256 * 1024
+_PY_CHUNK = 16
+
+
+def _pending(results: list) -> int:
+    try:
+        return sum(map(len, results))
+    except TypeError:  # None or a wrong type among them: framing sorts it out
+        return sum(len(r) for r in results if isinstance(r, (bytes, bytearray, memoryview)))
 
 
 def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
@@ -157,23 +165,28 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
     if messages is not None:
         results = []
         append = results.append
-        pending = 0
         try:
-            for msg in messages:
-                out = fn(msg)
-                append(out)
-                if conn is not None and conn.closing:
-                    break
-                if type(out) is bytes:
-                    pending += len(out)
-                    if pending > _PY_FLUSH:
-                        # Hand what piled up to C, which enforces output_limit
-                        # and starts sending, instead of holding it all here.
-                        if not _emit(h, results, reply, conn_id, scratch, cap, res, True):
-                            return -1
-                        results = []
-                        append = results.append
-                        pending = 0
+            # Chunks of _PY_CHUNK messages keep the per-message loop bare;
+            # between chunks, replies past _PY_FLUSH bytes go to C, which
+            # enforces output_limit and starts sending.
+            for start in range(0, len(messages), _PY_CHUNK):
+                chunk = messages[start:start + _PY_CHUNK] if start or len(messages) > _PY_CHUNK \
+                    else messages
+                if conn is None:
+                    for msg in chunk:
+                        append(fn(msg))
+                else:
+                    for msg in chunk:
+                        append(fn(msg))
+                        if conn.closing:
+                            break
+                    if conn.closing:
+                        break
+                if start + _PY_CHUNK < len(messages) and _pending(results) > _PY_FLUSH:
+                    if not _emit(h, results, reply, conn_id, scratch, cap, res, True):
+                        return -1
+                    results = []
+                    append = results.append
         except Exception:
             failed = True
             log.exception("handler %s failed on connection %d; closing it", h.name, conn_id)
