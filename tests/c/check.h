@@ -6,9 +6,11 @@
 #ifndef PP_TEST_CHECK_H
 #define PP_TEST_CHECK_H
 
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define CHECK(expr)                                                           \
     do {                                                                      \
@@ -59,6 +61,22 @@ static inline uint64_t check_rand(uint64_t *state)
 static inline uint64_t check_range(uint64_t *state, uint64_t lo, uint64_t hi)
 {
     return lo + check_rand(state) % (hi - lo + 1);
+}
+
+/* Milliseconds on the monotonic clock. */
+static inline int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Sleeps ms milliseconds, through signals. */
+static inline void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
 }
 
 #endif
