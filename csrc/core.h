@@ -18,12 +18,15 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "backend.h"
 #include "buffer.h"
 #include "framing.h"
+#include "list.h"
 #include "pool.h"
 #include "pp_server.h"
 
 typedef struct pp_server pp_server;
+struct epoll_event;
 
 /* Connection flags, all owned by the I/O thread. */
 enum {
@@ -35,7 +38,6 @@ enum {
     PP_C_BAD_FRAME = 1 << 5,   /* input has a frame we refuse; read no more */
     PP_C_QUIET = 1 << 6,       /* draining: the last read found nothing new */
     PP_C_GOODBYE = 1 << 7,     /* draining: shutdown message queued */
-    PP_C_READY = 1 << 8,       /* on the ready list, waiting for queue room */
     PP_C_OPENED = 1 << 9,      /* open event sent: a close event is owed */
     PP_C_RETIRING = 1 << 10,   /* close event in flight; freed when it is back */
 };
@@ -48,7 +50,13 @@ typedef struct pp_conn {
     /* I/O thread. */
     int fd;
     unsigned flags;
-    uint32_t slot;              /* index in the poll arrays */
+    pp_watch w;                 /* its place in the backend */
+    pp_link all;                /* on srv->conns: every open connection */
+    pp_link ready;              /* on srv->ready: waiting for queue room */
+    pp_link timer;              /* on one of the timer lists, or none */
+    pp_link *timer_list;        /* which one */
+    int64_t timer_key;          /* ms: when it went there; the lists are
+                                   sorted by it, oldest first */
     uint64_t id;
     struct sockaddr_storage peer;
     socklen_t peer_len;
@@ -56,9 +64,8 @@ typedef struct pp_conn {
     size_t in_framed;           /* bytes at the start of in that are whole frames */
     size_t in_scanned;          /* framer hint for the partial frame after them */
     int64_t linger_deadline;    /* ms, CLOCK_MONOTONIC */
-    int64_t last_active;        /* ms: last byte read or task finished */
+    int64_t last_active;        /* ms: last byte read, or became idle */
     int64_t out_since;          /* ms: pending output last moved (or began) */
-    struct pp_conn *next_ready;
 
     /* Owner of the task: the worker while in flight, else the I/O thread. */
     pp_buf task;                /* whole frames of the current task */
@@ -87,7 +94,7 @@ struct pp_server {
     size_t reject_len;
     long fd_limit;
     int64_t now;                /* ms, read once per loop round */
-    int64_t timer_at;           /* ms: next idle/send-timeout scan, 0 = none */
+    int64_t idle_ms, stall_ms;  /* idle_timeout, send_timeout; 0 = none */
     size_t in_limit;            /* stop reading a connection holding this much */
 
     int listen_fd[PP_MAX_LISTENERS];
@@ -95,12 +102,30 @@ struct pp_server {
     int wake_rd, wake_wr;       /* eventfd (same fd twice) or self-pipe */
 
     /* I/O thread. */
-    struct pollfd *pfds;        /* [0] wake-up, [1..nlisten] listeners, then conns */
-    pp_conn **conns;            /* parallel to pfds; NULL for the first ones */
+    const pp_backend *bk;
+    pp_watch wake_w;
+    pp_watch listen_w[PP_MAX_LISTENERS];
+    pp_link fired;              /* watches the backend reported this round */
+    /* poll backend */
+    struct pollfd *pfds;
+    pp_watch **watches;         /* parallel to pfds */
     size_t npfds, cap_pfds;
+    /* epoll backend */
+    int epfd;
+    struct epoll_event *evs;
+    int cap_evs;
+    pp_link pending;            /* ready watches to report next round */
+
+    pp_link conns;              /* every open connection */
     size_t nconns;
     uint64_t next_id;
-    pp_conn *ready_head, *ready_tail; /* complete messages, waiting for queue room */
+    pp_link ready;              /* complete messages, waiting for queue room */
+    /* Timer lists, each sorted by timer_key because a connection only ever
+     * joins at the tail with the current time: checking the head is enough,
+     * so timers cost O(1) per event and per expiry, never a scan. */
+    pp_link idle_list;          /* idle_timeout applies */
+    pp_link send_list;          /* output pending: send_timeout applies */
+    pp_link linger_list;        /* closing, waiting for the peer */
     pp_task *batch_head, *batch_tail; /* tasks to push at the end of this round */
     size_t batch_n;
     int accept_paused;          /* listeners not polled: EMFILE or max_connections */
@@ -109,7 +134,6 @@ struct pp_server {
     int64_t drain_deadline;     /* ms */
     int forcing;
     int64_t force_deadline;     /* ms: how long to wait for tasks in flight */
-    size_t nlinger;
     int64_t linger_check_at;    /* ms: next scan for expired lingering closes */
     pp_iostats stats;
 

@@ -12,7 +12,8 @@
 
 #include "core.h"
 
-static int listen_one(const struct addrinfo *ai, int port, int backlog)
+static int listen_one(const struct addrinfo *ai, int port, int backlog,
+                      int reuse_port)
 {
     struct sockaddr_storage ss;
     memcpy(&ss, ai->ai_addr, ai->ai_addrlen);
@@ -30,6 +31,15 @@ static int listen_one(const struct addrinfo *ai, int port, int backlog)
     int one = 1;
     if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
         goto fail;
+#ifdef SO_REUSEPORT
+    if (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
+        goto fail;
+#else
+    if (reuse_port) {
+        errno = ENOPROTOOPT;
+        goto fail;
+    }
+#endif
     /* Without V6ONLY, "::" would take the IPv4 port too and the IPv4 bind of
      * the same host name would fail. */
     if (ai->ai_family == AF_INET6 &&
@@ -75,7 +85,7 @@ int pp__listen(pp_server *srv)
     for (struct addrinfo *ai = res; ai && srv->nlisten < PP_MAX_LISTENERS; ai = ai->ai_next) {
         if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
             continue;
-        int fd = listen_one(ai, chosen, srv->cfg.backlog);
+        int fd = listen_one(ai, chosen, srv->cfg.backlog, srv->cfg.reuse_port);
         if (fd < 0) {
             /* A family the machine lacks is skipped if another one binds;
              * anything else (EADDRINUSE, EACCES) fails the whole server. */

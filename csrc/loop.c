@@ -1,8 +1,8 @@
 /*
- * loop.c - the poll() I/O thread.
+ * loop.c - the I/O thread.
  *
  * One thread owns the listening sockets, every connection's input side and
- * the poll arrays.  It reads, cuts frames, hands whole frames to the pool as
+ * the readiness backend (poll or epoll, backend.h).  It reads, cuts frames, hands whole frames to the pool as
  * one task per connection, flushes output the workers could not send, and
  * closes connections.  It never runs a handler and never blocks outside
  * poll().  Workers hand connections back through a lock-free completion
@@ -33,7 +33,8 @@
 #define PP_LINGER_POLL_MS 10        /* how often lingering closes are looked at */
 #define PP_ACCEPT_RETRY_MS 100      /* pause after EMFILE/ENFILE/ENOMEM */
 #define PP_FORCE_GRACE_MS 200       /* tasks in flight get this long after force */
-#define PP_FIRST_CONN_SLOT(srv) (1 + (size_t)(srv)->nlisten)
+
+#define PP_CONN_OF(link, member) PP_CONTAINER(link, pp_conn, member)
 
 int64_t pp__now_ms(void)
 {
@@ -89,42 +90,6 @@ void pp__loop_complete(pp_server *srv, pp_conn *c)
         pp__loop_wake(srv);
 }
 
-/* ---- poll slots --------------------------------------------------------- */
-
-static int slot_add(pp_server *srv, pp_conn *c)
-{
-    if (srv->npfds == srv->cap_pfds) {
-        size_t cap = srv->cap_pfds ? srv->cap_pfds * 2 : 64;
-        struct pollfd *p = realloc(srv->pfds, cap * sizeof *p);
-        if (p == NULL)
-            return -ENOMEM;
-        srv->pfds = p;
-        pp_conn **cs = realloc(srv->conns, cap * sizeof *cs);
-        if (cs == NULL)
-            return -ENOMEM;
-        srv->conns = cs;
-        srv->cap_pfds = cap;
-    }
-    size_t i = srv->npfds++;
-    srv->pfds[i] = (struct pollfd){.fd = c->fd, .events = POLLIN, .revents = 0};
-    srv->conns[i] = c;
-    c->slot = (uint32_t)i;
-    return 0;
-}
-
-/* Moves the last slot into the freed one.  The caller walks the slots from the
- * top down, so the moved slot has already been handled this round. */
-static void slot_remove(pp_server *srv, size_t i)
-{
-    size_t last = --srv->npfds;
-    if (i != last) {
-        srv->pfds[i] = srv->pfds[last];
-        srv->conns[i] = srv->conns[last];
-        srv->conns[i]->slot = (uint32_t)i;
-    }
-    srv->conns[last] = NULL;
-}
-
 /* ---- tasks -------------------------------------------------------------- */
 
 static void batch_add(pp_server *srv, pp_conn *c, int event)
@@ -147,7 +112,64 @@ static int has_events(const pp_server *srv)
     return srv->cfg.on_open != NULL || srv->cfg.on_close != NULL;
 }
 
+/* ---- timer lists -------------------------------------------------------- */
+
+/* Puts c on the timer list its state calls for.  A connection joins a list
+ * at the tail, stamped with the current time, and moves to the tail again
+ * when its clock restarts (bytes read, output moved), so every list stays
+ * sorted and expiry looks at its head only. */
+static void conn_timers(pp_server *srv, pp_conn *c)
+{
+    pp_link *list = NULL;
+    int64_t *since = NULL;
+    if (c->flags & (PP_C_IN_FLIGHT | PP_C_RETIRING | PP_C_BROKEN)) {
+        list = NULL;
+    } else if (c->flags & PP_C_LINGER) {
+        list = &srv->linger_list;
+    } else if (pp__buf_size(&c->out) > 0) {
+        if (srv->stall_ms > 0) {
+            list = &srv->send_list;
+            since = &c->out_since;
+        }
+    } else if (srv->idle_ms > 0 && c->in_framed == 0 && !(c->flags & PP_C_CLOSE)) {
+        list = &srv->idle_list;
+        since = &c->last_active;
+    }
+    if (list == NULL) {
+        pp__list_unlink(&c->timer);
+        c->timer_list = NULL;
+        return;
+    }
+    if (list != c->timer_list) {
+        /* A clock starts when its state begins: idle counts from when the
+         * connection had nothing left to do, a stall from when output began
+         * to wait. */
+        if (since)
+            *since = srv->now;
+        c->timer_list = list;
+        c->timer_key = srv->now;
+        pp__list_move_tail(list, &c->timer);
+    } else if (since && *since != c->timer_key) {
+        c->timer_key = *since;
+        pp__list_move_tail(list, &c->timer);
+    }
+}
+
 /* ---- accepting ---------------------------------------------------------- */
+
+static void listeners_want(pp_server *srv, short want)
+{
+    for (int i = 0; i < srv->nlisten; i++)
+        srv->bk->set(srv, &srv->listen_w[i], want);
+}
+
+static void listeners_close(pp_server *srv)
+{
+    for (int i = 0; i < srv->nlisten; i++)
+        if (srv->listen_fd[i] >= 0)
+            srv->bk->del(srv, &srv->listen_w[i]);
+    pp__listen_close(srv);
+}
 
 static void accept_pause(pp_server *srv, int64_t retry_at)
 {
@@ -155,8 +177,7 @@ static void accept_pause(pp_server *srv, int64_t retry_at)
         pp__stat_add(&srv->stats.accept_paused, 1);
     srv->accept_paused = 1;
     srv->accept_retry_at = retry_at;
-    for (int i = 0; i < srv->nlisten; i++)
-        srv->pfds[1 + i].fd = -1;
+    listeners_want(srv, 0);
 }
 
 static void accept_resume(pp_server *srv)
@@ -165,8 +186,7 @@ static void accept_resume(pp_server *srv)
         return;
     srv->accept_paused = 0;
     srv->accept_retry_at = 0;
-    for (int i = 0; i < srv->nlisten; i++)
-        srv->pfds[1 + i].fd = srv->listen_fd[i];
+    listeners_want(srv, POLLIN);
 }
 
 /* Turns one waiting connection away with the framed rejection message.
@@ -188,8 +208,9 @@ static int reject_one(pp_server *srv, int lfd)
     return 0;
 }
 
-static void do_accept(pp_server *srv, int lfd)
+static void do_accept(pp_server *srv, pp_watch *lw)
 {
+    int lfd = lw->fd;
     for (int rejected = 0;;) {
         size_t max = srv->cfg.max_connections;
         if (max && srv->nconns >= max) {
@@ -217,6 +238,7 @@ static void do_accept(pp_server *srv, int lfd)
 #if EAGAIN != EWOULDBLOCK
             case EWOULDBLOCK:
 #endif
+                pp__watch_drained(lw, POLLIN);
                 return;
             case EMFILE:
             case ENFILE:
@@ -235,15 +257,21 @@ static void do_accept(pp_server *srv, int lfd)
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         c = calloc(1, sizeof *c);
-        if (c == NULL || slot_add(srv, c) < 0) {
+        if (c != NULL) {
+            c->fd = c->w.fd = fd;
+            c->w.kind = PP_W_CONN;
+            /* The open event, if any, goes first: nothing is read before. */
+            c->w.want = has_events(srv) ? 0 : POLLIN;
+        }
+        if (c == NULL || srv->bk->add(srv, &c->w) < 0) {
+            /* ENOMEM, or epoll's ENOSPC (max_user_watches). */
             free(c);
             close(fd);
             pp__stat_add(&srv->stats.nomem_errors, 1);
             accept_pause(srv, pp__now_ms() + PP_ACCEPT_RETRY_MS);
             return;
         }
-        c->fd = fd;
-        srv->pfds[c->slot].fd = fd;
+        pp__list_append(&srv->conns, &c->all);
         c->id = ++srv->next_id;
         c->last_active = srv->now;
         memcpy(&c->peer, &ss, sl);
@@ -257,7 +285,8 @@ static void do_accept(pp_server *srv, int lfd)
              * Event tasks bypass queue_size: there is one per connection. */
             c->flags |= PP_C_OPENED;
             batch_add(srv, c, PP_EV_OPEN);
-            srv->pfds[c->slot].fd = -1;
+        } else {
+            conn_timers(srv, c);
         }
     }
 }
@@ -284,6 +313,7 @@ static int conn_can_read(const pp_server *srv, const pp_conn *c)
     return pp__buf_size(&c->in) < srv->in_limit;
 }
 
+/* Tells the backend what c waits for now, and puts it on its timer list. */
 static void conn_update(pp_server *srv, pp_conn *c)
 {
     short ev = 0;
@@ -291,27 +321,12 @@ static void conn_update(pp_server *srv, pp_conn *c)
         ev |= POLLIN;
     if (!(c->flags & PP_C_IN_FLIGHT) && pp__buf_size(&c->out) > 0)
         ev |= POLLOUT;
-    struct pollfd *p = &srv->pfds[c->slot];
-    p->events = ev;
-    /* A negative fd makes poll() skip the slot entirely: with events 0 it
-     * would still report POLLHUP/POLLERR on every call and the loop would
-     * spin while a task is in flight. */
-    p->fd = ev ? c->fd : -1;
-}
-
-static void ready_unlink(pp_server *srv, pp_conn *c)
-{
-    pp_conn **pp = &srv->ready_head;
-    pp_conn *prev = NULL;
-    while (*pp != c) {
-        prev = *pp;
-        pp = &(*pp)->next_ready;
-    }
-    *pp = c->next_ready;
-    if (srv->ready_tail == c)
-        srv->ready_tail = prev;
-    c->next_ready = NULL;
-    c->flags &= ~PP_C_READY;
+    /* Wanting nothing also hides POLLHUP/POLLERR: reported while a task is
+     * in flight, they would make the loop spin.  Called even when nothing
+     * changed: an edge-triggered backend then reports c again next round if
+     * it still has readiness the loop did not use up. */
+    srv->bk->set(srv, &c->w, ev);
+    conn_timers(srv, c);
 }
 
 static void conn_free(pp_conn *c)
@@ -329,12 +344,8 @@ static void conn_close(pp_server *srv, pp_conn *c)
 {
     if (c->flags & PP_C_IN_FLIGHT)
         abort();
-    if (c->flags & PP_C_READY)
-        ready_unlink(srv, c);
-    if (c->flags & PP_C_LINGER) {
-        srv->nlinger--;
-        c->flags &= ~PP_C_LINGER;
-    }
+    pp__list_unlink(&c->ready);
+    c->flags &= ~PP_C_LINGER;
     if ((c->flags & PP_C_OPENED) && srv->cfg.on_close) {
         /* The close event goes to a worker like any task, so it comes after
          * the last message's handler.  The peer is cut now; the fd stays
@@ -345,7 +356,9 @@ static void conn_close(pp_server *srv, pp_conn *c)
         conn_update(srv, c);
         return;
     }
-    slot_remove(srv, c->slot);
+    srv->bk->del(srv, &c->w);
+    pp__list_unlink(&c->all);
+    pp__list_unlink(&c->timer);
     close(c->fd);
     conn_free(c);
     srv->nconns--;
@@ -382,7 +395,6 @@ static void conn_linger(pp_server *srv, pp_conn *c)
         return;
     }
     c->flags |= PP_C_LINGER;
-    srv->nlinger++;
     pp__buf_reset(&c->in, 0);
     c->in_framed = c->in_scanned = 0;
     conn_read(srv, c);
@@ -390,11 +402,9 @@ static void conn_linger(pp_server *srv, pp_conn *c)
         conn_close(srv, c);
         return;
     }
-    int64_t now = pp__now_ms();
-    int64_t until = now + PP_LINGER_MS;
-    if (srv->draining && srv->drain_deadline < until)
-        until = srv->drain_deadline;
-    c->linger_deadline = until;
+    int64_t now = srv->now;
+    /* The drain deadline, if sooner, is enforced by the drain itself. */
+    c->linger_deadline = now + PP_LINGER_MS;
     if (srv->linger_check_at == 0 || now + PP_LINGER_POLL_MS < srv->linger_check_at)
         srv->linger_check_at = now + PP_LINGER_POLL_MS;
     conn_update(srv, c);
@@ -443,8 +453,10 @@ static void conn_read(pp_server *srv, pp_conn *c)
                 continue;
             if (n < 0 && errno == EINTR)
                 continue;
-            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                pp__watch_drained(&c->w, POLLIN);
                 return;
+            }
             c->flags |= PP_C_BROKEN; /* EOF or error: done lingering */
             return;
         }
@@ -463,11 +475,14 @@ static void conn_read(pp_server *srv, pp_conn *c)
             c->last_active = srv->now;
             c->flags &= ~PP_C_QUIET;
             pp__stat_add(&srv->stats.bytes_in, (uint64_t)n);
-            /* A short read almost always means the socket is empty; the next
-             * poll() tells for sure without a recv() that returns EAGAIN.
-             * While draining, only EAGAIN counts as quiet. */
-            if ((size_t)n < room && !srv->draining)
+            /* A short read means the socket was empty when recv() looked
+             * (TCP copies all it has, up to room): what comes later makes
+             * the backend report the socket again, so no recv() has to
+             * return EAGAIN.  While draining, only EAGAIN counts as quiet. */
+            if ((size_t)n < room && !srv->draining) {
+                pp__watch_drained(&c->w, POLLIN);
                 break;
+            }
             continue;
         }
         if (n == 0) {
@@ -477,6 +492,7 @@ static void conn_read(pp_server *srv, pp_conn *c)
         if (errno == EINTR)
             continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            pp__watch_drained(&c->w, POLLIN);
             c->flags |= PP_C_QUIET;
             break;
         }
@@ -494,15 +510,8 @@ static void conn_dispatch(pp_server *srv, pp_conn *c)
 {
     if (pp__pool_queued(&srv->pool) + srv->batch_n >= srv->cfg.queue_size) {
         /* A full queue stops this connection, never drops its messages. */
-        if (!(c->flags & PP_C_READY)) {
-            c->flags |= PP_C_READY;
-            c->next_ready = NULL;
-            if (srv->ready_tail)
-                srv->ready_tail->next_ready = c;
-            else
-                srv->ready_head = c;
-            srv->ready_tail = c;
-        }
+        if (!pp__linked(&c->ready))
+            pp__list_append(&srv->ready, &c->ready);
         return;
     }
     pp_buf whole = c->in;
@@ -548,6 +557,8 @@ static void conn_flush(pp_server *srv, pp_conn *c)
         c->flags |= PP_C_BROKEN;
     } else if (pp__buf_size(&c->out) == 0) {
         pp__buf_reset(&c->out, PP_KEEP_BUF);
+    } else {
+        pp__watch_drained(&c->w, POLLOUT); /* EAGAIN */
     }
 }
 
@@ -576,7 +587,7 @@ static void conn_progress(pp_server *srv, pp_conn *c)
             conn_close(srv, c);
             return;
         }
-        if (c->flags & (PP_C_IN_FLIGHT | PP_C_READY)) {
+        if ((c->flags & PP_C_IN_FLIGHT) || pp__linked(&c->ready)) {
             conn_update(srv, c);
             return;
         }
@@ -667,11 +678,11 @@ static void take_completions(pp_server *srv)
 
 static void dispatch_ready(pp_server *srv)
 {
-    while (srv->ready_head &&
+    pp_link *l;
+    while ((l = pp__list_first(&srv->ready)) != NULL &&
            pp__pool_queued(&srv->pool) + srv->batch_n < srv->cfg.queue_size) {
-        pp_conn *c = srv->ready_head;
-        ready_unlink(srv, c);
-        conn_progress(srv, c);
+        pp__list_unlink(l);
+        conn_progress(srv, PP_CONN_OF(l, ready));
     }
 }
 
@@ -687,54 +698,65 @@ static void push_batch(pp_server *srv)
 /* ---- timers and shutdown ------------------------------------------------ */
 
 /* Closes lingering connections whose peer has everything, or whose time is
- * up.  A scan over the connections, but only every PP_LINGER_POLL_MS and only
- * while some connection lingers. */
+ * up.  Asking the kernel whether the peer acknowledged everything takes an
+ * ioctl per lingering connection, so it happens every PP_LINGER_POLL_MS, and
+ * only over the lingering ones. */
 static void expire_lingers(pp_server *srv, int64_t now)
 {
-    if (srv->nlinger == 0) {
+    if (pp__list_empty(&srv->linger_list)) {
         srv->linger_check_at = 0;
         return;
     }
     if (now < srv->linger_check_at)
         return;
-    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);) {
-        pp_conn *c = srv->conns[i];
-        if ((c->flags & PP_C_LINGER) &&
-            (c->linger_deadline <= now || conn_all_acked(c)))
+    pp_link *l = pp__list_first(&srv->linger_list);
+    while (l != NULL && l != &srv->linger_list) {
+        pp_link *next = l->next;
+        pp_conn *c = PP_CONN_OF(l, timer);
+        if (c->linger_deadline <= now || conn_all_acked(c))
             conn_close(srv, c);
+        l = next;
     }
-    srv->linger_check_at = srv->nlinger ? now + PP_LINGER_POLL_MS : 0;
+    srv->linger_check_at = pp__list_empty(&srv->linger_list) ? 0 : now + PP_LINGER_POLL_MS;
+}
+
+/* The connection at the head of a timer list whose time is up, or NULL. */
+static pp_conn *expired(pp_link *list, int64_t limit, int64_t now)
+{
+    pp_link *l = pp__list_first(list);
+    if (l == NULL)
+        return NULL;
+    pp_conn *c = PP_CONN_OF(l, timer);
+    return now - c->timer_key >= limit ? c : NULL;
 }
 
 /* Closes connections silent for idle_timeout, and those whose pending output
- * has not moved for send_timeout (a peer that stopped reading).  A scan, but
- * a few times per timeout only, never per event. */
+ * has not moved for send_timeout (a peer that stopped reading).  Only the
+ * heads of the sorted lists are looked at. */
 static void check_timers(pp_server *srv, int64_t now)
 {
-    int64_t idle = (int64_t)(srv->cfg.idle_timeout * 1000.0);
-    int64_t stall = (int64_t)(srv->cfg.send_timeout * 1000.0);
-    if ((idle <= 0 && stall <= 0) || now < srv->timer_at)
-        return;
-    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);) {
-        pp_conn *c = srv->conns[i];
-        if (c->flags & (PP_C_IN_FLIGHT | PP_C_LINGER | PP_C_RETIRING | PP_C_BROKEN))
-            continue;
-        if (pp__buf_size(&c->out) > 0) {
-            if (stall > 0 && now - c->out_since >= stall) {
-                pp__stat_add(&srv->stats.send_timeouts, 1);
-                c->flags |= PP_C_BROKEN;
-                conn_progress(srv, c);
-            }
-        } else if (idle > 0 && c->in_framed == 0 && !(c->flags & PP_C_CLOSE) &&
-                   now - c->last_active >= idle) {
-            pp__stat_add(&srv->stats.idle_closes, 1);
-            c->flags |= PP_C_CLOSE;
-            conn_progress(srv, c);
-        }
+    pp_conn *c;
+    while ((c = expired(&srv->send_list, srv->stall_ms, now)) != NULL) {
+        pp__list_unlink(&c->timer);
+        c->timer_list = NULL;
+        pp__stat_add(&srv->stats.send_timeouts, 1);
+        c->flags |= PP_C_BROKEN;
+        conn_progress(srv, c);
     }
-    int64_t shortest = idle > 0 && (stall <= 0 || idle < stall) ? idle : stall;
-    int64_t tick = shortest / 4;
-    srv->timer_at = now + (tick < 10 ? 10 : tick > 1000 ? 1000 : tick);
+    while ((c = expired(&srv->idle_list, srv->idle_ms, now)) != NULL) {
+        pp__list_unlink(&c->timer);
+        c->timer_list = NULL;
+        pp__stat_add(&srv->stats.idle_closes, 1);
+        c->flags |= PP_C_CLOSE; /* lingers: not on the idle list again */
+        conn_progress(srv, c);
+    }
+}
+
+/* When the head of a timer list expires; 0 if the list is empty. */
+static int64_t list_deadline(const pp_link *list, int64_t limit)
+{
+    pp_link *l = pp__list_first(list);
+    return l ? PP_CONN_OF(l, timer)->timer_key + limit : 0;
 }
 
 static void begin_drain(pp_server *srv)
@@ -742,12 +764,14 @@ static void begin_drain(pp_server *srv)
     srv->draining = 1;
     srv->drain_deadline = pp__now_ms() + (int64_t)(srv->cfg.drain_timeout * 1000.0);
     /* No new connections from here on. */
-    for (int i = 0; i < srv->nlisten; i++)
-        srv->pfds[1 + i].fd = -1;
-    pp__listen_close(srv);
+    listeners_close(srv);
     srv->accept_paused = 1;
-    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);)
-        conn_progress(srv, srv->conns[i]);
+    pp_link *l = pp__list_first(&srv->conns);
+    while (l != NULL && l != &srv->conns) {
+        pp_link *next = l->next; /* progress may free c, and only c */
+        conn_progress(srv, PP_CONN_OF(l, all));
+        l = next;
+    }
 }
 
 /* Cuts every connection.  A connection whose task is still in flight only
@@ -758,13 +782,13 @@ static void begin_force(pp_server *srv)
     atomic_store(&srv->forced, 1);
     srv->force_deadline = pp__now_ms() + PP_FORCE_GRACE_MS;
     if (!srv->draining) {
-        for (int i = 0; i < srv->nlisten; i++)
-            srv->pfds[1 + i].fd = -1;
-        pp__listen_close(srv);
+        listeners_close(srv);
         srv->draining = 1;
     }
-    for (size_t i = srv->npfds; i-- > PP_FIRST_CONN_SLOT(srv);) {
-        pp_conn *c = srv->conns[i];
+    pp_link *l = pp__list_first(&srv->conns);
+    while (l != NULL && l != &srv->conns) {
+        pp_link *next = l->next;
+        pp_conn *c = PP_CONN_OF(l, all);
         pp__stat_add(&srv->stats.forced_closes, 1);
         if (c->flags & PP_C_IN_FLIGHT) {
             shutdown(c->fd, SHUT_RDWR);
@@ -773,10 +797,11 @@ static void begin_force(pp_server *srv)
         } else {
             conn_close(srv, c);
         }
+        l = next;
     }
 }
 
-static int poll_timeout(pp_server *srv, int64_t now)
+static int wait_timeout(pp_server *srv, int64_t now)
 {
     int64_t until = -1;
 #define PP_SOONER(t) do { if ((t) > 0 && (until < 0 || (t) < until)) until = (t); } while (0)
@@ -786,13 +811,34 @@ static int poll_timeout(pp_server *srv, int64_t now)
         PP_SOONER(srv->drain_deadline);
     PP_SOONER(srv->accept_retry_at);
     PP_SOONER(srv->linger_check_at);
-    PP_SOONER(srv->timer_at);
+    if (srv->stall_ms > 0)
+        PP_SOONER(list_deadline(&srv->send_list, srv->stall_ms));
+    if (srv->idle_ms > 0)
+        PP_SOONER(list_deadline(&srv->idle_list, srv->idle_ms));
 #undef PP_SOONER
     if (until < 0)
         return -1;
     if (until <= now)
         return 0;
     return until - now > 60000 ? 60000 : (int)(until - now);
+}
+
+/* Handles what the backend reported for one connection. */
+static void conn_event(pp_server *srv, pp_conn *c, short re)
+{
+    if (re & POLLNVAL)
+        abort(); /* a connection's fd was closed behind our back */
+    if (re & POLLOUT)
+        conn_flush(srv, c);
+    /* Every reported event leads to a syscall that either makes progress or
+     * fails and breaks the connection: nothing spins. */
+    if ((re & (POLLIN | POLLHUP | POLLERR)) && !(c->flags & PP_C_BROKEN)) {
+        if (conn_can_read(srv, c))
+            conn_read(srv, c);
+        else if (re & (POLLERR | POLLHUP))
+            c->flags |= PP_C_BROKEN;
+    }
+    conn_progress(srv, c);
 }
 
 /* ---- the loop ----------------------------------------------------------- */
@@ -830,58 +876,49 @@ int pp__loop_run(pp_server *srv)
         dispatch_ready(srv);
         push_batch(srv);
 
-        int timeout = poll_timeout(srv, now);
+        int timeout = wait_timeout(srv, now);
         /* Announce the sleep, then look once more: a completion pushed before
          * the announcement is seen here, one pushed after it writes the fd. */
         atomic_store(&srv->io_armed, 1);
         if (atomic_load(&srv->done) != NULL ||
             atomic_load(&srv->stop_level) != level)
             timeout = 0;
-        int n = poll(srv->pfds, srv->npfds, timeout);
+        int n = srv->bk->wait(srv, timeout);
         atomic_store(&srv->io_armed, 0);
-        srv->now = pp__now_ms(); /* poll() may have slept long */
+        srv->now = pp__now_ms(); /* the wait may have slept long */
         if (n < 0) {
-            if (errno == EINTR)
+            if (n == -EINTR)
                 continue;
-            if (errno == ENOMEM) {
+            if (n == -ENOMEM) {
                 struct timespec ts = {0, 10 * 1000000L};
                 nanosleep(&ts, NULL);
                 continue;
             }
-            rc = -errno;
+            rc = n;
             break;
         }
 
-        if (srv->pfds[0].revents)
-            drain_wake_fd(srv);
         take_completions(srv);
-
-        size_t first = PP_FIRST_CONN_SLOT(srv);
-        for (size_t i = srv->npfds; i-- > first;) {
-            struct pollfd *p = &srv->pfds[i];
-            if (p->revents == 0)
-                continue;
-            pp_conn *c = srv->conns[i];
-            short re = p->revents;
-            p->revents = 0;
-            if (re & POLLNVAL)
-                abort(); /* a connection's fd was closed behind our back */
-            if (re & POLLOUT)
-                conn_flush(srv, c);
-            /* Every reported event leads to a syscall that either makes
-             * progress or fails and breaks the connection: nothing spins. */
-            if ((re & (POLLIN | POLLHUP | POLLERR)) && !(c->flags & PP_C_BROKEN)) {
-                if (conn_can_read(srv, c))
-                    conn_read(srv, c);
-                else if (re & (POLLERR | POLLHUP))
-                    c->flags |= PP_C_BROKEN;
+        pp_link *l;
+        while ((l = pp__list_first(&srv->fired)) != NULL) {
+            pp__list_unlink(l);
+            pp_watch *w = PP_CONTAINER(l, pp_watch, queue);
+            short re = w->revents;
+            w->revents = 0;
+            switch (w->kind) {
+            case PP_W_CONN:
+                conn_event(srv, PP_CONN_OF(w, w), re);
+                break;
+            case PP_W_WAKE:
+                drain_wake_fd(srv);
+                pp__watch_drained(w, POLLIN);
+                break;
+            default:
+                if (re & POLLIN)
+                    do_accept(srv, w);
+                srv->bk->set(srv, w, w->want); /* see conn_update */
+                break;
             }
-            conn_progress(srv, c);
-        }
-        for (int i = 0; i < srv->nlisten; i++) {
-            if (srv->pfds[1 + i].revents & POLLIN)
-                do_accept(srv, srv->listen_fd[i]);
-            srv->pfds[1 + i].revents = 0;
         }
     }
     push_batch(srv);

@@ -19,6 +19,10 @@ extern "C" {
 
 enum { PP_FRAMING_RAW = 0, PP_FRAMING_LINE = 1, PP_FRAMING_LENGTH = 2 };
 
+/* What the I/O thread waits with.  poll() is the default; epoll (Linux,
+ * edge-triggered) costs per round what is ready rather than what is open. */
+enum { PP_BACKEND_POLL = 0, PP_BACKEND_EPOLL = 1, PP_BACKEND_EPOLL_LT = 2 };
+
 #define PP_MAX_DELIMITER 16
 #define PP_MAX_LISTENERS 8
 
@@ -40,6 +44,9 @@ typedef struct pp_config {
     const char *host;           /* numeric or resolvable; NULL or "" = all IPv4 */
     int port;                   /* 0 = ephemeral */
     int backlog;                /* listen() backlog; <= 0 means 1024 */
+    int reuse_port;             /* SO_REUSEPORT: several processes share the
+                                   port, the kernel spreads connections */
+    int backend;                /* PP_BACKEND_* */
     int threads;                /* worker threads, >= 1 */
     size_t queue_size;          /* tasks waiting for a worker; 0 = 4096 */
     int framing;                /* PP_FRAMING_* */
@@ -107,6 +114,9 @@ int pp_server_new(const pp_config *cfg, pp_server **out);
 /* Writes the first listening address as numeric host and port. */
 int pp_server_address(const pp_server *srv, char *host, size_t hostlen,
                       int *port);
+
+/* The backend's name ("poll", "epoll"), or NULL if this build lacks it. */
+const char *pp_backend_name(int backend);
 
 /* Starts the worker threads (with SIGINT and SIGTERM blocked), so that a
  * caller learns of a thread creation failure before serving; pp_server_run()

@@ -51,9 +51,34 @@ static int validate(const pp_config *cfg)
         return -EINVAL;
     if (cfg->reject_message_len && cfg->reject_message == NULL)
         return -EINVAL;
-    if (!(cfg->idle_timeout >= 0.0) || !(cfg->send_timeout >= 0.0))
+    if (!(cfg->idle_timeout >= 0.0) || !(cfg->send_timeout >= 0.0) ||
+        cfg->idle_timeout > 86400.0 * 365 || cfg->send_timeout > 86400.0 * 365)
+        return -EINVAL;
+    if (pp_backend_name(cfg->backend) == NULL)
         return -EINVAL;
     return 0;
+}
+
+static const pp_backend *backend_of(int backend)
+{
+    switch (backend) {
+    case PP_BACKEND_POLL:
+        return &pp__backend_poll;
+#ifdef __linux__
+    case PP_BACKEND_EPOLL:
+        return &pp__backend_epoll;
+    case PP_BACKEND_EPOLL_LT:
+        return &pp__backend_epoll_lt;
+#endif
+    default:
+        return NULL;
+    }
+}
+
+const char *pp_backend_name(int backend)
+{
+    const pp_backend *bk = backend_of(backend);
+    return bk ? bk->name : NULL;
 }
 
 static int wake_open(pp_server *srv)
@@ -123,8 +148,24 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
         return -ENOMEM;
     srv->cfg = *cfg;
     srv->wake_rd = srv->wake_wr = -1;
+    srv->epfd = -1;
     for (int i = 0; i < PP_MAX_LISTENERS; i++)
         srv->listen_fd[i] = -1;
+    srv->bk = backend_of(cfg->backend);
+    pp__list_init(&srv->fired);
+    pp__list_init(&srv->pending);
+    pp__list_init(&srv->conns);
+    pp__list_init(&srv->ready);
+    pp__list_init(&srv->idle_list);
+    pp__list_init(&srv->send_list);
+    pp__list_init(&srv->linger_list);
+    srv->idle_ms = (int64_t)(cfg->idle_timeout * 1000.0);
+    srv->stall_ms = (int64_t)(cfg->send_timeout * 1000.0);
+    /* A timeout below a millisecond still means one. */
+    if (srv->idle_ms == 0 && cfg->idle_timeout > 0.0)
+        srv->idle_ms = 1;
+    if (srv->stall_ms == 0 && cfg->send_timeout > 0.0)
+        srv->stall_ms = 1;
     if (srv->cfg.backlog <= 0)
         srv->cfg.backlog = 1024;
     if (srv->cfg.queue_size == 0)
@@ -166,23 +207,23 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     srv->cfg.host = NULL;
     if (rc < 0)
         goto fail_wake;
-    srv->cap_pfds = 64;
-    srv->pfds = calloc(srv->cap_pfds, sizeof *srv->pfds);
-    srv->conns = calloc(srv->cap_pfds, sizeof *srv->conns);
-    if (srv->pfds == NULL || srv->conns == NULL) {
-        rc = -ENOMEM;
+    if ((rc = srv->bk->init(srv)) < 0)
         goto fail_listen;
+    srv->wake_w = (pp_watch){.fd = srv->wake_rd, .want = POLLIN, .kind = PP_W_WAKE};
+    if ((rc = srv->bk->add(srv, &srv->wake_w)) < 0)
+        goto fail_backend;
+    for (int i = 0; i < srv->nlisten; i++) {
+        srv->listen_w[i] = (pp_watch){.fd = srv->listen_fd[i], .want = POLLIN,
+                                      .kind = PP_W_LISTEN, .index = (unsigned char)i};
+        if ((rc = srv->bk->add(srv, &srv->listen_w[i])) < 0)
+            goto fail_backend;
     }
-    srv->pfds[0] = (struct pollfd){.fd = srv->wake_rd, .events = POLLIN};
-    for (int i = 0; i < srv->nlisten; i++)
-        srv->pfds[1 + i] = (struct pollfd){.fd = srv->listen_fd[i], .events = POLLIN};
-    srv->npfds = 1 + (size_t)srv->nlisten;
     *out = srv;
     return 0;
 
+fail_backend:
+    srv->bk->destroy(srv);
 fail_listen:
-    free(srv->pfds);
-    free(srv->conns);
     pp__listen_close(srv);
 fail_wake:
     wake_close(srv);
@@ -346,16 +387,17 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
 
 void pp__server_destroy(pp_server *srv)
 {
-    for (size_t i = 1 + (size_t)srv->nlisten; i < srv->npfds; i++) {
-        pp_conn *c = srv->conns[i];
+    pp_link *l;
+    while ((l = pp__list_first(&srv->conns)) != NULL) {
+        pp__list_unlink(l);
+        pp_conn *c = PP_CONTAINER(l, pp_conn, all);
         close(c->fd);
         pp__buf_free(&c->in);
         pp__buf_free(&c->task);
         pp__buf_free(&c->out);
         free(c);
     }
-    free(srv->pfds);
-    free(srv->conns);
+    srv->bk->destroy(srv);
     pp__listen_close(srv);
     wake_close(srv);
     pp__pool_destroy(&srv->pool);

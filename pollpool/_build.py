@@ -18,6 +18,9 @@ CDEF = """
 #define PP_FRAMING_RAW 0
 #define PP_FRAMING_LINE 1
 #define PP_FRAMING_LENGTH 2
+#define PP_BACKEND_POLL 0
+#define PP_BACKEND_EPOLL 1
+#define PP_BACKEND_EPOLL_LT 2
 #define PP_MAX_DELIMITER 16
 #define POLLPOOL_ABI_VERSION 1
 
@@ -34,6 +37,8 @@ typedef struct pp_config {
     const char *host;
     int port;
     int backlog;
+    int reuse_port;
+    int backend;
     int threads;
     size_t queue_size;
     int framing;
@@ -83,6 +88,7 @@ typedef struct pp_stats {
 typedef struct pp_server pp_server;
 
 void pp_config_init(pp_config *cfg);
+const char *pp_backend_name(int backend);
 int pp_server_new(const pp_config *cfg, pp_server **out);
 int pp_server_address(const pp_server *srv, char *host, size_t hostlen,
                       int *port);
@@ -118,10 +124,12 @@ pp_handler_fn pp_py_echo_fn(void);
 void *pp_py_dlopen(const char *path);
 void *pp_py_dlsym(void *lib, const char *name);
 const char *pp_py_dlerror(void);
+int pp_py_parent_death_signal(int sig);
 """
 
 GLUE = r"""
 #include <dlfcn.h>
+#include <errno.h>
 #include "pp_server.h"
 
 /* pp_msg with char data, so that the Python side gets bytes from ffi.unpack. */
@@ -203,6 +211,21 @@ void *pp_py_dlsym(void *lib, const char *name)
 const char *pp_py_dlerror(void)
 {
     return dlerror();
+}
+
+/* A forked server process asks for sig when its parent dies, so that no
+ * child outlives a supervisor killed without a chance to stop it. */
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+int pp_py_parent_death_signal(int sig)
+{
+#ifdef __linux__
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)sig) == 0 ? 0 : -errno;
+#else
+    (void)sig;
+    return -ENOSYS;
+#endif
 }
 """
 

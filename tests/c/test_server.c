@@ -99,9 +99,24 @@ static void frame_put(bytes *b, const wire *w, const void *msg, size_t n)
         bytes_put(b, w->delim, w->delim_len);
 }
 
+/* The backend every test runs on: PP_TEST_BACKEND=poll|epoll. */
+static int test_backend(void)
+{
+    const char *b = getenv("PP_TEST_BACKEND");
+    if (b == NULL || strcmp(b, "poll") == 0)
+        return PP_BACKEND_POLL;
+    if (strcmp(b, "epoll") == 0)
+        return PP_BACKEND_EPOLL;
+    if (strcmp(b, "epoll-lt") == 0)
+        return PP_BACKEND_EPOLL_LT;
+    fprintf(stderr, "unknown PP_TEST_BACKEND %s\n", b);
+    exit(2);
+}
+
 static void config_for(pp_config *cfg, const wire *w)
 {
     pp_config_init(cfg);
+    cfg->backend = test_backend();
     cfg->host = "127.0.0.1";
     cfg->port = 0;
     cfg->framing = w->framing;
@@ -547,6 +562,11 @@ static void test_config_validation(void)
     config_for(&cfg, &LINE_LF);
     cfg.port = 70000;
     CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.backend = 99;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    CHECK(pp_backend_name(99) == NULL);
+    CHECK(strcmp(pp_backend_name(PP_BACKEND_POLL), "poll") == 0);
     CHECK(srv == (pp_server *)0x1);            /* untouched on failure */
 
     /* A port in use is the bind errno. */
@@ -561,6 +581,20 @@ static void test_config_validation(void)
     /* Created but never run: frees cleanly, and the port is free again. */
     pp_server_free(a);
     CHECK_EQ(pp_server_new(&cfg, &b), 0);
+    pp_server_free(b);
+
+    /* SO_REUSEPORT: servers that all ask for it share a port; one that does
+     * not is refused it. */
+    config_for(&cfg, &LINE_LF);
+    cfg.reuse_port = 1;
+    CHECK_EQ(pp_server_new(&cfg, &a), 0);
+    CHECK_EQ(pp_server_address(a, host, sizeof host, &port), 0);
+    cfg.port = port;
+    CHECK_EQ(pp_server_new(&cfg, &b), 0);
+    pp_server *c = NULL;
+    cfg.reuse_port = 0;
+    CHECK_EQ(pp_server_new(&cfg, &c), -EADDRINUSE);
+    pp_server_free(a);
     pp_server_free(b);
 }
 
