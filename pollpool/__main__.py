@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; '' = all)")
     p.add_argument("--port", type=int, default=9000, help="port (default 9000; 0 = ephemeral)")
-    p.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
+    p.add_argument("--threads", type=int, default=4,
+                   help="worker threads (default 4; per process with --processes)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes sharing the port through SO_REUSEPORT (default 1)")
+    p.add_argument("--backend", choices=("poll", "epoll"), default=None,
+                   help="I/O backend (default poll, or $POLLPOOL_BACKEND)")
     p.add_argument("--framing", default="line",
                    help="line | line:DELIM (e.g. 'line:\\r\\n') | length | length:1|2|4|8 | raw (default line)")
     p.add_argument("--handler", default="echo",
@@ -96,6 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             send_timeout=args.send_timeout,
             output_limit=args.output_limit,
             reject_message=None if args.reject_message is None else args.reject_message.encode(),
+            backend=args.backend,
+            processes=args.processes,
         )
         host, port = server.listen()
     except (ValueError, TypeError, ImportError, AttributeError) as e:
@@ -105,11 +112,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pollpool: {e}", file=sys.stderr)
         return 1
     shown = f"[{host}]" if ":" in host else host
-    print(f"pollpool listening on {shown}:{port}", flush=True)
-    if server.fd_limit is not None:
-        logging.getLogger("pollpool").info("fd limit %d: at most about %d connections",
-                                           server.fd_limit, server.fd_limit - 16)
-    stats = server.serve_forever()
+
+    def ready() -> None:
+        # Printed once connections are taken: with --processes, once every
+        # process listens.
+        print(f"pollpool listening on {shown}:{port}", flush=True)
+        log = logging.getLogger("pollpool")
+        if server.processes > 1:
+            log.info("%d server processes share the port", server.processes)
+        if server.fd_limit is not None:
+            log.info("fd limit %d: at most about %d connections",
+                     server.fd_limit, server.fd_limit - 16)
+
+    stats = server.serve_forever(on_ready=ready)
     print("pollpool stopped: " + json.dumps(stats), flush=True)
     return 130 if server.forced else 0
 

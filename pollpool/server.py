@@ -271,6 +271,25 @@ def _check_seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+BACKENDS = {"poll": 0, "epoll": 1}
+
+
+def _check_backend(backend: Optional[str]) -> str:
+    """The backend name to use: the argument, else $POLLPOOL_BACKEND, else poll."""
+    if backend is None:
+        backend = os.environ.get("POLLPOOL_BACKEND") or "poll"
+        source = "POLLPOOL_BACKEND"
+    else:
+        source = "backend"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, not {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if lib.pp_backend_name(BACKENDS[backend]) == ffi.NULL:
+        raise ValueError(f"the {backend} backend is not available on this system")
+    return backend
+
+
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -289,6 +308,13 @@ class Server:
 
     Run it with :meth:`serve_forever` (blocks; Ctrl+C drains gracefully) or
     :meth:`start`/:meth:`stop`, or as a context manager.  A server runs once.
+
+    ``backend`` is ``"poll"`` (the default, or ``$POLLPOOL_BACKEND``) or
+    ``"epoll"`` (Linux), whose cost per round follows the ready connections
+    instead of the open ones.  ``processes=N`` forks N server processes that
+    share the port through SO_REUSEPORT, each with its own I/O thread and
+    pool; this object then supervises them (see :mod:`pollpool.processes`).
+    ``reuse_port=True`` lets independent servers share a port the same way.
     """
 
     def __init__(
@@ -310,7 +336,13 @@ class Server:
         send_timeout: float = 60.0,
         output_limit: int = 64 * 1024 * 1024,
         reject_message: Optional[BytesLike] = None,
+        backend: Optional[str] = None,
+        processes: int = 1,
+        reuse_port: bool = False,
     ) -> None:
+        # Every argument but the handler, as given: what a forked server
+        # process (processes > 1) is built with.
+        self._kwargs = {k: v for k, v in locals().items() if k not in ("self", "handler")}
         if not isinstance(handler, NativeHandler) and not callable(handler) \
                 and not is_connection_aware(handler):
             raise TypeError("handler must be callable, have on_connect/on_message/"
@@ -353,7 +385,13 @@ class Server:
             if not max_connections:
                 raise ValueError("reject_message needs max_connections")
         self.reject_message: Optional[bytes] = reject_message
+        self.backend = _check_backend(backend)
+        self.processes = _check_int("processes", processes, 1, 1024)
+        if not isinstance(reuse_port, bool):
+            raise TypeError("reuse_port must be a bool")
+        self.reuse_port = reuse_port
         self._fd_limit: Optional[int] = None
+        self._group: Any = None        # the supervisor when processes > 1
 
         self._lock = threading.Lock()
         self._srv: Any = None          # pp_server *, guarded by _lock
@@ -378,12 +416,27 @@ class Server:
             if self._state != "new":
                 raise RuntimeError("this server has already been started; create a new one")
             self._state = "binding"
+        if self.processes > 1:
+            from .processes import ProcessGroup
+            group = ProcessGroup(self)
+            try:
+                self._address = group.listen()
+            except BaseException:
+                with self._lock:
+                    self._state = "new"
+                raise
+            with self._lock:
+                self._group = group
+                self._state = "listening"
+            return self.address
         cfg = ffi.new("pp_config *")
         lib.pp_config_init(cfg)
         host = ffi.new("char[]", self.host.encode("idna") if self.host else b"")
         cfg.host = host
         cfg.port = self.port
         cfg.backlog = self.backlog
+        cfg.reuse_port = int(self.reuse_port)
+        cfg.backend = BACKENDS[self.backend]
         cfg.threads = self.threads
         cfg.queue_size = self.queue_size
         cfg.max_connections = self.max_connections
@@ -454,6 +507,8 @@ class Server:
             if self._state != "listening":
                 raise RuntimeError("this server has already been started; create a new one")
             self._state = "running"
+        if self._group is not None:
+            return
         rc = lib.pp_server_start_workers(self._srv)
         if rc < 0:
             self._finish()
@@ -485,28 +540,60 @@ class Server:
         _RUNNING.discard(self)
         self._done.set()
 
+    def _group_begin(self, background: bool) -> None:
+        try:
+            self._group.start(background)
+        except BaseException:
+            self._group_finish()
+            raise
+        _RUNNING.add(self)
+
+    def _group_finish(self) -> None:
+        with self._lock:
+            self._last_stats = self._group.stats()
+            self._forced = self._group.forced
+            self._state = "stopped"
+        _RUNNING.discard(self)
+        self._done.set()
+
     def start(self) -> "Server":
         """Binds, starts the loop on a background thread, and returns once
         listening.  Raises OSError (with the real errno) if binding fails."""
         self._begin()
+        if self._group is not None:
+            self._group_begin(background=True)
+            return self
         self._thread = threading.Thread(target=self._run, name="pollpool-io", daemon=True)
         self._thread.start()
         return self
 
-    def serve_forever(self) -> Dict[str, int]:
+    def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> Dict[str, int]:
         """Serves on the calling thread until stopped; returns the final stats.
+        ``on_ready`` is called once connections are accepted (with
+        processes > 1: once every process listens).
 
         On the main thread, SIGINT and SIGTERM are taken over for the
         duration: the first drains gracefully, the second stops at once.
         The previous handlers are restored afterwards.
         """
         self._begin()
+        if self._group is not None:
+            self._group_begin(background=False)
+            if on_ready is not None:
+                on_ready()
+            try:
+                self._group.serve()
+            finally:
+                self._group_finish()
+            return dict(self._last_stats)
         signals = threading.current_thread() is threading.main_thread()
         if signals:
             rc = lib.pp_signals_install(self._srv)
             if rc < 0:
                 self._finish()
                 raise RuntimeError("another server already owns SIGINT/SIGTERM")
+        if on_ready is not None:
+            on_ready()  # the backlog takes connections from listen() on
         self._run(signals)
         if self._result is not None:
             raise self._result
@@ -517,6 +604,16 @@ class Server:
         answered, the shutdown message is sent, connections are closed.  After
         ``timeout`` seconds (default: the drain timeout) the rest is cut.
         Returns the final stats.  Any thread; idempotent."""
+        if self._group is not None:
+            if self._state in ("new", "listening"):
+                self._group.stop()
+                self._group_finish()
+                return dict(self._last_stats)
+            self._group.stop(timeout)
+            if not self._done.is_set() and self._group.done:
+                self._group_finish()  # background supervisor: finish here
+            self._done.wait()
+            return dict(self._last_stats)
         with self._lock:
             if self._state == "new":
                 self._state = "stopped"
@@ -580,7 +677,14 @@ class Server:
         return {name: int(getattr(s, name)) for name in STAT_FIELDS}
 
     def stats(self) -> Dict[str, int]:
-        """Counters: connections, messages, replies, bytes, errors by kind."""
+        """Counters: connections, messages, replies, bytes, errors by kind.
+        With processes > 1, the sum over the server processes (each is asked),
+        plus ``processes`` (running now) and ``restarts``."""
+        if self._group is not None:
+            if self._state == "running":
+                return self._group.stats()
+            with self._lock:
+                return dict(self._last_stats)
         with self._lock:
             if self._srv is not None:
                 return self._read_stats(self._srv)

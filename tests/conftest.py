@@ -22,6 +22,17 @@ import pytest
 
 import pollpool
 
+#: Every test runs once per I/O backend: a server built without backend=
+#: (in this process or in a CLI subprocess) takes it from $POLLPOOL_BACKEND.
+BACKENDS = ("poll", "epoll") if sys.platform.startswith("linux") else ("poll",)
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("POLLPOOL_BACKEND", request.param)
+    return request.param
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",

@@ -532,8 +532,10 @@ def test_peer_gone_while_its_task_is_in_flight(make_server, connect, how):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("handler", [pollpool.handlers.echo, SlowSession()], ids=["native", "aware"])
-def test_connections_closed_right_after_connect(make_server, connect, handler):
+@pytest.mark.parametrize("make_handler", [lambda: pollpool.handlers.echo, SlowSession],
+                         ids=["native", "aware"])
+def test_connections_closed_right_after_connect(make_server, connect, make_handler):
+    handler = make_handler()  # a fresh one per run: it records events
     srv = make_server(handler)
     fds_before = fd_count()
     n = 300

@@ -1,0 +1,475 @@
+"""``Server(processes=N)``: N forked server processes sharing one port.
+
+Each child is a whole pollpool server (its own I/O thread and worker pool)
+listening with SO_REUSEPORT, so the kernel spreads new connections across
+them.  The parent binds the port first, without listening, so that port 0
+resolves once, a bind error is raised in the caller, and the port stays
+reserved while a crashed child is replaced.
+
+The parent supervises: it forwards a stop (SIGTERM to each child: the first
+drains gracefully, a second one cuts), answers ``stats()`` by asking every
+child over a socketpair and adding the answers up, and restarts a child that
+dies unasked, with a growing delay if it keeps dying.  Children run in their
+own process group, so a terminal's Ctrl+C reaches the parent only and each
+child sees exactly the signals the parent forwards; a child whose parent dies
+gets SIGTERM from the kernel (Linux).
+
+Children are forked: they inherit the handler and everything it refers to,
+and also every fd the parent has open.  Fork before opening what children
+must not share.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from ._core import lib
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Server
+
+log = logging.getLogger("pollpool")
+
+#: How long a child may take to bind and report ready.
+READY_TIMEOUT = 10.0
+#: How long stats() waits for one child's answer.
+STATS_TIMEOUT = 2.0
+#: Restart delay after a quick death, doubled per quick death, capped.
+RESTART_DELAY = 0.1
+RESTART_DELAY_MAX = 5.0
+#: A child that lived this long resets its slot's restart delay.
+STABLE_AFTER = 5.0
+_TICK = 0.05
+
+
+def reserve(host: str, port: int) -> Tuple[List[socket.socket], int]:
+    """Binds host:port on every address it resolves to, with SO_REUSEPORT and
+    without listening, as the core's listen.c would.  Returns the sockets and
+    the port (the one chosen when 0 was asked)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {host}:{port}: {e}") from e
+    socks: List[socket.socket] = []
+    chosen = port
+    first_err: Optional[OSError] = None
+    try:
+        for family, kind, proto, _, addr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6) or len(socks) >= 8:
+                continue
+            s = socket.socket(family, kind, proto)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((addr[0], chosen) + tuple(addr[2:]))
+            except OSError as e:
+                s.close()
+                if e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    first_err = first_err or e
+                    continue
+                raise OSError(e.errno, f"cannot listen on {host}:{port}: "
+                                       f"{os.strerror(e.errno or 0)}") from e
+            socks.append(s)
+            if chosen == 0:
+                chosen = s.getsockname()[1]
+        if not socks:
+            err = first_err.errno if first_err else errno.EADDRNOTAVAIL
+            raise OSError(err, f"cannot listen on {host}:{port}: {os.strerror(err or 0)}")
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks, chosen
+
+
+class _Child:
+    __slots__ = ("slot", "pid", "sock", "buf", "last", "final", "forced", "born")
+
+    def __init__(self, slot: int, pid: int, sock: socket.socket) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.sock = sock
+        self.buf = b""
+        self.last: Dict[str, int] = {}     # the latest stats it sent
+        self.final: Optional[Dict[str, int]] = None
+        self.forced = False
+        self.born = time.monotonic()
+
+
+def _send(sock: socket.socket, msg: Dict[str, Any]) -> None:
+    sock.sendall(json.dumps(msg).encode() + b"\n")
+
+
+class ProcessGroup:
+    """The parent side of ``Server(processes=N)``."""
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+        self.n = server.processes
+        self.port = 0
+        self._reserved: List[socket.socket] = []
+        self._children: Dict[int, _Child] = {}   # slot -> live child
+        self._dead: Dict[str, int] = {}          # totals of children gone
+        self._restarts = 0
+        self._delay = [RESTART_DELAY] * self.n
+        self._due: Dict[int, float] = {}         # slot -> when to restart it
+        self._io = threading.Lock()              # child sockets and the tables
+        self._stop_level = 0
+        self._signals = 0                        # bumped by signal handlers
+        self._forced = False
+        self._thread: Optional[threading.Thread] = None
+        self._done = threading.Event()
+        self._parent = os.getpid()
+
+    # -- parent ----------------------------------------------------------
+
+    def listen(self) -> Tuple[str, int]:
+        if not self._reserved:
+            self._reserved, self.port = reserve(self.server.host, self.server.port)
+        host = self._reserved[0].getsockname()[0]
+        return host, self.port
+
+    def start(self, background: bool) -> None:
+        """Forks every child and returns once all listen; a child that cannot
+        start makes this raise (the others are stopped)."""
+        self.listen()
+        try:
+            for slot in range(self.n):
+                self._start_child(slot)
+        except BaseException:
+            self.stop(timeout=self.server.drain_timeout)
+            raise
+        if background:
+            self._thread = threading.Thread(target=self._supervise, name="pollpool-supervisor",
+                                            daemon=True)
+            self._thread.start()
+
+    def serve(self) -> None:
+        """Supervises on this thread until stopped; on the main thread SIGINT
+        and SIGTERM are forwarded to the children (the second one forces)."""
+        main = threading.current_thread() is threading.main_thread()
+        saved = {}
+        if main:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                saved[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._supervise()
+        finally:
+            for sig, old in saved.items():
+                signal.signal(sig, old)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Runs between bytecodes of the main thread, maybe inside _supervise
+        # with _io held: no locks here, the loop acts on it within a tick.
+        self._signals += 1
+
+    def request_stop(self, force: bool = False) -> None:
+        with self._io:
+            want = 2 if force or self._stop_level >= 1 else 1
+            if want <= self._stop_level:
+                return
+            self._stop_level = want
+            self._due.clear()
+            for child in self._children.values():
+                self._kill(child.pid, signal.SIGTERM)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        self.request_stop()
+        if self._thread is None and not self._done.is_set():
+            # Nobody supervises (start failed, or serve() never ran): reap here.
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._children:
+                if deadline is not None and time.monotonic() > deadline:
+                    self.request_stop(force=True)
+                    deadline = None
+                self._reap()
+                time.sleep(_TICK)
+            self._finish()
+            return
+        if timeout is not None and not self._done.wait(timeout):
+            self.request_stop(force=True)
+        self._done.wait()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @property
+    def forced(self) -> bool:
+        return self._forced
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def stats(self) -> Dict[str, int]:
+        from .server import STAT_FIELDS
+        with self._io:
+            total = dict.fromkeys(STAT_FIELDS, 0)
+            for k, v in self._dead.items():
+                total[k] = total.get(k, 0) + v
+            for child in list(self._children.values()):
+                got = self._ask(child)
+                for k in STAT_FIELDS:
+                    total[k] += got.get(k, 0)
+            total["processes"] = len(self._children)
+            total["restarts"] = self._restarts
+            return total
+
+    # -- supervision -----------------------------------------------------
+
+    def _supervise(self) -> None:
+        try:
+            seen = 0
+            while True:
+                if self._signals != seen:
+                    seen = self._signals
+                    self.request_stop(force=self._stop_level >= 1)
+                self._reap()
+                with self._io:
+                    if self._stop_level and not self._children:
+                        break
+                    now = time.monotonic()
+                    due = [slot for slot, at in self._due.items() if at <= now]
+                for slot in due:
+                    with self._io:
+                        if self._stop_level or slot not in self._due:
+                            continue
+                        del self._due[slot]
+                    try:
+                        self._start_child(slot)
+                    except Exception:
+                        log.exception("restarting server process %d failed", slot)
+                        with self._io:
+                            self._schedule(slot)
+                time.sleep(_TICK)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        for s in self._reserved:
+            s.close()
+        self._reserved = []
+        self._done.set()
+
+    def _reap(self) -> None:
+        with self._io:
+            for slot, child in list(self._children.items()):
+                try:
+                    pid, status = os.waitpid(child.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid, status = child.pid, 0
+                if pid == 0:
+                    continue
+                self._drain(child)
+                del self._children[slot]
+                child.sock.close()
+                code = os.waitstatus_to_exitcode(status)
+                if child.forced or code == 130:
+                    self._forced = True
+                # What it sent last is what it counted: a crash loses at most
+                # what happened since the last stats() or its final report.
+                for k, v in (child.final or child.last).items():
+                    if k != "active":
+                        self._dead[k] = self._dead.get(k, 0) + v
+                if self._stop_level:
+                    if code not in (0, 130):
+                        log.warning("server process %d (pid %d) %s while stopping",
+                                    slot, child.pid, _describe(code))
+                    continue
+                self._restarts += 1
+                log.error("server process %d (pid %d) %s; restarting it",
+                          slot, child.pid, _describe(code))
+                if time.monotonic() - child.born >= STABLE_AFTER:
+                    self._delay[slot] = RESTART_DELAY
+                self._schedule(slot)
+
+    def _schedule(self, slot: int) -> None:
+        self._due[slot] = time.monotonic() + self._delay[slot]
+        self._delay[slot] = min(self._delay[slot] * 2, RESTART_DELAY_MAX)
+
+    @staticmethod
+    def _kill(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    # -- talking to children ---------------------------------------------
+
+    def _handle(self, child: _Child, msg: Dict[str, Any]) -> None:
+        if "stats" in msg:
+            child.last = msg["stats"]
+        elif "final" in msg:
+            child.final = msg["final"]
+            child.last = msg["final"]
+            child.forced = bool(msg.get("forced"))
+
+    def _read(self, child: _Child, timeout: float) -> Optional[Dict[str, Any]]:
+        """The next message from child, or None on timeout or EOF."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in child.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([child.sock], [], [], left)
+            if not r:
+                return None
+            try:
+                data = child.sock.recv(65536)
+            except OSError:
+                return None
+            if not data:
+                return None
+            child.buf += data
+        line, child.buf = child.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _drain(self, child: _Child) -> None:
+        """Takes what an exited child left in its socket (its final report)."""
+        while True:
+            msg = self._read(child, 0.0 if child.buf else 0.2)
+            if msg is None:
+                return
+            self._handle(child, msg)
+
+    def _ask(self, child: _Child) -> Dict[str, int]:
+        try:
+            _send(child.sock, {"cmd": "stats"})
+        except OSError:
+            return child.last
+        deadline = time.monotonic() + STATS_TIMEOUT
+        while True:
+            msg = self._read(child, max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                return child.last
+            self._handle(child, msg)
+            if "stats" in msg or "final" in msg:
+                return child.last
+
+    def _wait_ready(self, child: _Child) -> None:
+        msg = self._read(child, READY_TIMEOUT)
+        if msg is not None and "ready" in msg:
+            return
+        if msg is not None and "error" in msg:
+            err = int(msg.get("errno") or 0)
+            raise OSError(err, f"server process {child.slot}: {msg['error']}")
+        raise RuntimeError(f"server process {child.slot} (pid {child.pid}) did not start")
+
+    def _start_child(self, slot: int) -> None:
+        """Forks the child for slot and waits until it listens.  It joins the
+        table only then, so that nothing else reads its socket before."""
+        child = self._spawn(slot)
+        try:
+            self._wait_ready(child)
+        except BaseException:
+            self._kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+            child.sock.close()
+            raise
+        with self._io:
+            self._children[slot] = child
+            if self._stop_level:
+                self._kill(child.pid, signal.SIGTERM)
+
+    def _spawn(self, slot: int) -> _Child:
+        parent_end, child_end = socket.socketpair()
+        # Children fork from a process whose other threads may hold locks;
+        # the child touches only what it builds after the fork.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, which _exits
+            code = 1
+            try:
+                parent_end.close()
+                others = [c.sock for c in self._children.values()] + self._reserved
+                for s in others:
+                    s.close()
+                code = _child_main(self.server, self.port, child_end, self._parent)
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+                os._exit(code)
+        child_end.close()
+        return _Child(slot, pid, parent_end)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
+
+
+def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: int) -> int:
+    """A server process: serves until SIGTERM, reports, returns the exit code."""
+    from .server import Server
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    os.setpgid(0, 0)
+    lib.pp_py_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        return 1
+    send_lock = threading.Lock()
+
+    def send(msg: Dict[str, Any]) -> None:
+        with send_lock:
+            _send(sock, msg)
+
+    try:
+        srv = Server(parent.handler, **{**parent._kwargs, "port": port, "processes": 1,
+                                        "reuse_port": True, "backend": parent.backend})
+        srv.listen()
+    except OSError as e:
+        send({"error": str(e), "errno": e.errno})
+        return 3
+
+    def answer() -> None:
+        buf = b""
+        while True:
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:  # the parent is gone: stop like on SIGTERM
+                srv.stop()
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if json.loads(line).get("cmd") == "stats":
+                    try:
+                        send({"stats": srv.stats()})
+                    except OSError:
+                        return
+
+    send({"ready": os.getpid()})
+    threading.Thread(target=answer, name="pollpool-stats", daemon=True).start()
+    try:
+        final = srv.serve_forever()
+    except Exception:
+        log.exception("server process %d failed", os.getpid())
+        return 1
+    try:
+        send({"final": final, "forced": srv.forced})
+    except OSError:
+        pass
+    return 130 if srv.forced else 0
