@@ -60,6 +60,14 @@ def _server_cmd(server: str, handler: str, threads: int) -> List[str]:
         h = "python" if handler == "echo" else handler
         return [PY, os.path.join(PEERS, "pollpool_server.py"), "--handler", h,
                 "--threads", str(threads)]
+    if server.startswith("pollpool_native_"):
+        # pollpool_native_epoll, pollpool_native_procs2.
+        variant = server[len("pollpool_native_"):]
+        cmd = [PY, os.path.join(PEERS, "pollpool_server.py"), "--handler", "native",
+               "--threads", str(threads)]
+        if variant == "procs2":
+            return cmd + ["--processes", "2"]
+        return cmd + ["--backend", variant]
     if server in ("asyncio", "uvloop", "uvloop_executor"):
         cmd = [PY, os.path.join(PEERS, "asyncio_server.py"), "--handler", handler]
         if server != "asyncio":
@@ -76,6 +84,8 @@ SERVER_LABELS = {
     "epoll_c": "C epoll (1 thread)",
     "pollpool_native": "pollpool native echo",
     "pollpool_python": "pollpool Python handler",
+    "pollpool_native_epoll": "pollpool native echo, epoll",
+    "pollpool_native_procs2": "pollpool native echo, processes=2",
     "asyncio": "asyncio Protocol",
     "uvloop": "uvloop Protocol (inline)",
     "uvloop_executor": "uvloop + run_in_executor",
@@ -610,6 +620,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if mod and importlib.util.find_spec(mod) is None:
             servers.remove(s)
             notes.append(f"{s} skipped: {mod} is not installed (pip install -e '.[bench]')")
+    for sc in scenarios:
+        # The pollpool variants (backends, processes) join the echo scenarios
+        # when named with --servers.
+        if sc.handler == "echo":
+            sc.servers = sc.servers + [s for s in servers if s.startswith("pollpool_native_")
+                                       and s not in sc.servers]
     if args.placements:
         for sc in scenarios:
             sc.placements = [x for x in args.placements.split(",") if x]

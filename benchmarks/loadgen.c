@@ -19,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -221,8 +222,8 @@ static double cpu_seconds_self(void)
 }
 
 /* utime + stime of a whole process (all its threads, dead ones included), in
- * seconds, from /proc/PID/stat; -1 if unreadable. */
-static double cpu_seconds_pid(int pid)
+ * seconds, from /proc/PID/stat; -1 if unreadable.  *ppid gets its parent. */
+static double cpu_seconds_one(int pid, int *ppid)
 {
     char path[64], buf[4096];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
@@ -238,11 +239,39 @@ static double cpu_seconds_pid(int pid)
     if (!p)
         return -1;
     unsigned long long ut = 0, st = 0;
+    int pp = 0;
     /* After ')': state(3) ppid pgrp session tty tpgid flags minflt cminflt
      * majflt cmajflt utime(14) stime(15). */
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+    if (sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &pp, &ut, &st) != 3)
         return -1;
+    if (ppid)
+        *ppid = pp;
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* The same for a process and its children (a server with processes=N is a
+ * supervisor and N forked servers). */
+static double cpu_seconds_pid(int pid)
+{
+    double total = cpu_seconds_one(pid, NULL);
+    if (total < 0)
+        return -1;
+    DIR *d = opendir("/proc");
+    if (d == NULL)
+        return total;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        char *end;
+        long child = strtol(e->d_name, &end, 10);
+        int ppid = 0;
+        if (*end || child <= 0 || child == pid)
+            continue;
+        double c = cpu_seconds_one((int)child, &ppid);
+        if (c >= 0 && ppid == pid)
+            total += c;
+    }
+    closedir(d);
+    return total;
 }
 
 /* Busy CPU seconds of the whole machine (all CPUs, idle and iowait

@@ -28,7 +28,6 @@ typedef struct pp_watch {
     short want;        /* POLLIN | POLLOUT wanted now; 0 = none */
     short ready;       /* epoll: readiness not known to be used up */
     short revents;     /* what this round reports */
-    short kernel;      /* epoll level-triggered: the events registered */
     unsigned char kind;  /* PP_W_* */
     unsigned char index; /* listener number for PP_W_LISTEN */
     uint32_t slot;     /* poll: index in the pollfd array */
@@ -42,8 +41,7 @@ typedef struct pp_backend {
     void (*destroy)(pp_server *srv);
     /* Starts watching w->fd for w->want.  0 or -errno (-ENOMEM). */
     int (*add)(pp_server *srv, pp_watch *w);
-    /* Changes what w wants.  Cannot fail: the epoll level-triggered variant
-     * keeps the kernel's registration and filters instead when it must. */
+    /* Changes what w wants.  Cannot fail. */
     void (*set)(pp_server *srv, pp_watch *w, short want);
     /* Stops watching w; call before its fd is closed. */
     void (*del)(pp_server *srv, pp_watch *w);
@@ -56,7 +54,6 @@ typedef struct pp_backend {
 extern const pp_backend pp__backend_poll;
 #ifdef __linux__
 extern const pp_backend pp__backend_epoll;
-extern const pp_backend pp__backend_epoll_lt;
 #endif
 
 /* A syscall on w's fd found this direction (POLLIN or POLLOUT) used up: it

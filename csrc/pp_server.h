@@ -21,7 +21,7 @@ enum { PP_FRAMING_RAW = 0, PP_FRAMING_LINE = 1, PP_FRAMING_LENGTH = 2 };
 
 /* What the I/O thread waits with.  poll() is the default; epoll (Linux,
  * edge-triggered) costs per round what is ready rather than what is open. */
-enum { PP_BACKEND_POLL = 0, PP_BACKEND_EPOLL = 1, PP_BACKEND_EPOLL_LT = 2 };
+enum { PP_BACKEND_POLL = 0, PP_BACKEND_EPOLL = 1 };
 
 #define PP_MAX_DELIMITER 16
 #define PP_MAX_LISTENERS 8

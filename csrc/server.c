@@ -67,8 +67,6 @@ static const pp_backend *backend_of(int backend)
 #ifdef __linux__
     case PP_BACKEND_EPOLL:
         return &pp__backend_epoll;
-    case PP_BACKEND_EPOLL_LT:
-        return &pp__backend_epoll_lt;
 #endif
     default:
         return NULL;

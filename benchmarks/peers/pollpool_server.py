@@ -24,6 +24,8 @@ def main() -> int:
             a.choices = ["native", "python"] + sorted(common.HANDLERS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--framing", default="line", help="line | length (4-byte header)")
+    p.add_argument("--backend", default="poll", help="poll | epoll")
+    p.add_argument("--processes", type=int, default=1)
     args = p.parse_args()
     common.raise_nofile()
     if args.handler == "native":
@@ -33,10 +35,10 @@ def main() -> int:
     else:
         handler = common.HANDLERS[args.handler]
     server = pollpool.Server(handler, host=args.host, port=args.port, threads=args.threads,
-                             framing=args.framing, backlog=args.backlog)
+                             framing=args.framing, backlog=args.backlog,
+                             backend=args.backend, processes=args.processes)
     host, port = server.listen()
-    common.announce(host, port)
-    server.serve_forever()
+    server.serve_forever(on_ready=lambda: common.announce(host, port))
     return 0
 
 

@@ -107,8 +107,6 @@ static int test_backend(void)
         return PP_BACKEND_POLL;
     if (strcmp(b, "epoll") == 0)
         return PP_BACKEND_EPOLL;
-    if (strcmp(b, "epoll-lt") == 0)
-        return PP_BACKEND_EPOLL_LT;
     fprintf(stderr, "unknown PP_TEST_BACKEND %s\n", b);
     exit(2);
 }
