@@ -93,8 +93,8 @@ SERVER_LABELS = {
     "gevent": "gevent StreamServer",
 }
 SERVER_NEEDS = {"uvloop": "uvloop", "uvloop_executor": "uvloop", "gevent": "gevent"}
-ECHO_SERVERS = ["epoll_c", "pollpool_native", "pollpool_python", "asyncio", "uvloop",
-                "socketserver", "gevent"]
+ECHO_SERVERS = ["epoll_c", "pollpool_native", "pollpool_native_epoll", "pollpool_python",
+                "asyncio", "uvloop", "socketserver", "gevent"]
 
 
 # ---------------------------------------------------------------- scenarios
@@ -113,6 +113,17 @@ class Scenario:
     placements: List[str] = field(default_factory=lambda: ["pinned", "unpinned"])
     uvloop_ref: str = "uvloop"        # the row the "x uvloop" columns divide by
     ideal_rps: Optional[float] = None
+    idle: int = 0                     # idle connections held open during the run
+
+
+#: Throughput against idle connections (issue 6): 50 active connections,
+#: pipeline 1, 64 B, with this many more connections open and silent.
+IDLE_SWEEP = [0, 1000, 5000, 10000]
+IDLE_SERVERS = ["epoll_c", "pollpool_native", "pollpool_native_epoll"]
+
+
+def _idle_name(n: int) -> str:
+    return "c50_p1_64" if n == 0 else f"c50_p1_64_idle{n // 1000}k"
 
 
 SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
@@ -131,6 +142,16 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
              "50 connections, 2 threads", 50, 1, 16384, handler="sha256", expect="sha256",
              threads=2, servers=["pollpool_python", "uvloop", "uvloop_executor", "socketserver"],
              placements=["unpinned"], uvloop_ref="uvloop"),
+] + [
+    Scenario(_idle_name(n), f"50 connections, pipeline 1, 64 B, {n:,} idle connections open",
+             50, 1, 64, idle=n, servers=list(IDLE_SERVERS), placements=["pinned"])
+    for n in IDLE_SWEEP if n
+] + [
+    Scenario(f"procs_c50_p{d}_64", f"processes=2 against 1: 50 connections, pipeline {d}, "
+             "64 B, client and server sharing both cores", 50, d, 64,
+             servers=["epoll_c", "pollpool_native", "pollpool_native_procs2"],
+             placements=["unpinned"])
+    for d in (1, 16)
 ]}
 QUICK = ["c50_p1_64", "c50_p16_64"]
 
@@ -262,8 +283,10 @@ def run_one(sc: Scenario, server: str, placement: str, args, log_path: str) -> d
               "--server-pid", str(srv.proc.pid)]
         if pinned:
             lg += ["--cpu", "1"]
+        if sc.idle:
+            lg += ["--idle", str(sc.idle)]
         rec["loadgen_cmd"] = shlex.join(lg)
-        limit = args.warmup + args.duration + args.grace + 10 + 20
+        limit = args.warmup + args.duration + args.grace + 10 + 20 + sc.idle / 200
         p = subprocess.run(lg, capture_output=True, text=True, timeout=limit)
         rec["loadgen_rc"] = p.returncode
         if p.stderr.strip():
@@ -330,6 +353,14 @@ def summarize(runs: List[dict]) -> Dict[str, dict]:
         s["other_cores_max"] = max([r["other_cores"] for r in ok if "other_cores" in r],
                                    default=None)
         s["pollpool_builds"] = sorted({r["pollpool_so"] for r in rs if r.get("pollpool_so")})
+        idle = [r for r in ok if r.get("idle")]
+        if idle:
+            s["idle"] = idle[0]["idle"]
+            s["idle_unanswered"] = sum(r["idle"] - r["idle_answered"] for r in idle)
+            s["idle_setup_s"] = _med([r["idle_setup_s"] for r in idle])
+            s["rss_bytes_per_idle_conn"] = _med([r["server_rss_bytes_per_idle_conn"]
+                                                 for r in idle
+                                                 if "server_rss_bytes_per_idle_conn" in r])
         out[key] = s
     return out
 
@@ -395,15 +426,17 @@ def targets(summary: Dict[str, dict]) -> List[dict]:
     """The targets of issue 3, each with its measured ratio and met / not met."""
     t = []
 
-    def add(what, sc, pl, srv, ref, field, op, bound, note=""):
-        a, b = _get(summary, sc, pl, srv), _get(summary, sc, pl, ref)
+    def add(what, sc, pl, srv, ref, field, op, bound, note="", ref_sc=None):
+        a, b = _get(summary, sc, pl, srv), _get(summary, ref_sc or sc, pl, ref)
         if not a or not b or a.get(field) is None or b.get(field) is None:
             t.append({"target": what, "ratio": None, "status": "not measured", "note": note})
             return
         r = a[field] / b[field]
-        met = r >= bound if op == ">=" else r <= bound
-        t.append({"target": what, "ratio": r, "status": "met" if met else "NOT met",
-                  "note": note})
+        if op is None:
+            status = "reported"
+        else:
+            status = "met" if (r >= bound if op == ">=" else r <= bound) else "NOT met"
+        t.append({"target": what, "ratio": r, "status": status, "note": note})
 
     for sc, lo, hi in (("c50_p1_64", 0.95, 1.15), ("c50_p16_64", 0.9, 1.25)):
         d = "pipeline 1" if "p1_" in sc else "pipeline 16"
@@ -429,6 +462,30 @@ def targets(summary: Dict[str, dict]) -> List[dict]:
             d = "pipeline 1" if "p1_" in sc else "pipeline 16"
             add(f"{SERVER_LABELS[srv]}, 50 conns {d}: p99 ≤ uvloop's", sc, "pinned", srv,
                 "uvloop", "p99_us", "<=", 1.0)
+    # Issue 6.
+    top = _idle_name(IDLE_SWEEP[-1])
+    for srv in ("pollpool_native_epoll", "pollpool_native"):
+        v = _get(summary, top, "pinned", srv)
+        if v and "idle" in v:
+            ok = v["idle_unanswered"] == 0 and not v["failures"]
+            rss = v.get("rss_bytes_per_idle_conn")
+            t.append({"target": f"{SERVER_LABELS[srv]}: {v['idle']:,} connections open, "
+                                f"every one answered",
+                      "ratio": None, "status": "met" if ok else "NOT met",
+                      "note": f"set up in {v['idle_setup_s']:.2f} s; server RSS "
+                              f"{rss:,.0f} B per idle connection" if rss else ""})
+    add(f"epoll: 50 active with {IDLE_SWEEP[-1]:,} idle, req/s ≥ 0.9× with none", top,
+        "pinned", "pollpool_native_epoll", "pollpool_native_epoll", "rps", ">=", 0.9,
+        ref_sc="c50_p1_64")
+    add(f"poll: 50 active with {IDLE_SWEEP[-1]:,} idle, req/s against none", top,
+        "pinned", "pollpool_native", "pollpool_native", "rps", None, None,
+        ref_sc="c50_p1_64")
+    for d in (1, 16):
+        sc = f"procs_c50_p{d}_64"
+        add(f"processes=2 against 1, pipeline {d}, unpinned: req/s", sc, "unpinned",
+            "pollpool_native_procs2", "pollpool_native", "rps", None, None)
+        add(f"processes=2 against 1, pipeline {d}, unpinned: server CPU/req", sc, "unpinned",
+            "pollpool_native_procs2", "pollpool_native", "server_cpu_us_per_req", None, None)
     return t
 
 
@@ -489,7 +546,8 @@ def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: L
                     _f(_ratio(v["server_cpu_us_per_req"], u and u["server_cpu_us_per_req"]), 2),
                 ]) + " |")
             L.append("")
-    L += ["## Targets (issue 3)", "", "| target | measured ratio | status |", "|---|---:|---|"]
+    L += ["## Targets (issues 3 and 6)", "", "| target | measured ratio | status |",
+          "|---|---:|---|"]
     for t in meta["targets"]:
         note = f" ({t['note']})" if t["note"] else ""
         L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | {t['status']} |")
@@ -511,6 +569,52 @@ def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: L
         L += [f"Chart: {chart_note}", ""]
     with open(path, "w") as f:
         f.write("\n".join(L))
+
+
+def write_idle_chart(path: str, summary: Dict[str, dict], servers: List[str]) -> str:
+    """Throughput and server CPU per request against idle connections (issue 6).
+    Returns '' on success, else why no chart was drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed; no chart drawn."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    drawn = False
+    for srv in IDLE_SERVERS:
+        if srv not in servers:
+            continue
+        pts = [(n, _get(summary, _idle_name(n), "pinned", srv)) for n in IDLE_SWEEP]
+        pts = [(n, v) for n, v in pts if v and v["rps"] is not None]
+        if len(pts) < 2:
+            continue
+        xs = [n for n, _ in pts]
+        ax1.errorbar(xs, [v["rps"] for _, v in pts],
+                     yerr=[[v["rps"] - v["rps_min"] for _, v in pts],
+                           [v["rps_max"] - v["rps"] for _, v in pts]],
+                     marker="o", capsize=3, label=SERVER_LABELS[srv])
+        ax2.plot(xs, [v["server_cpu_us_per_req"] for _, v in pts], marker="o",
+                 label=SERVER_LABELS[srv])
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return "no idle-connection runs to draw."
+    ax1.set_title("50 active connections (pipeline 1, 64 B), pinned")
+    ax1.set_xlabel("idle connections open")
+    ax1.set_ylabel("requests/s (median, min–max)")
+    ax1.set_ylim(bottom=0)
+    ax2.set_title("server CPU per request")
+    ax2.set_xlabel("idle connections open")
+    ax2.set_ylabel("µs/request (median)")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ""
 
 
 def write_chart(path: str, summary: Dict[str, dict], scenarios: List[Scenario],
@@ -696,6 +800,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     chart_note = write_chart(base + ".png", summary, scenarios, servers)
     write_markdown(base + ".md", meta, summary, scenarios, servers,
                    None if chart_note else base + ".png", chart_note)
+    if any(sc.idle for sc in scenarios):
+        idle_note = write_idle_chart(base + "-idle.png", summary, servers)
+        with open(base + ".md", "a") as f:
+            f.write(f"\n![throughput against idle connections]({name}-idle.png)\n"
+                    if not idle_note else f"\nIdle chart: {idle_note}\n")
     print(f"wrote {base}.json, {base}.md" + ("" if chart_note else f", {base}.png"))
     if chart_note:
         print("chart:", chart_note)

@@ -178,10 +178,10 @@ typedef struct {
 
 static struct {
     const char *host;
-    int port, conns, depth, size, cpu, server_pid, length_framing, expect_sha;
+    int port, conns, depth, size, cpu, server_pid, length_framing, expect_sha, idle;
     double duration, warmup, grace, connect_timeout;
     uint64_t seed;
-} opt = {"127.0.0.1", 0, 50, 1, 64, -1, 0, 0, 0, 5.0, 1.0, 3.0, 10.0, 0x9e3779b97f4a7c15ULL};
+} opt = {"127.0.0.1", 0, 50, 1, 64, -1, 0, 0, 0, 0, 5.0, 1.0, 3.0, 10.0, 0x9e3779b97f4a7c15ULL};
 
 static slot *slots;
 static uint32_t nslots;
@@ -249,11 +249,33 @@ static double cpu_seconds_one(int pid, int *ppid)
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
-/* The same for a process and its children (a server with processes=N is a
- * supervisor and N forked servers). */
-static double cpu_seconds_pid(int pid)
+/* Resident set size of one process in KiB, from /proc/PID/status; -1 if
+ * unreadable.  *ppid gets its parent. */
+static double rss_kib_one(int pid, int *ppid)
 {
-    double total = cpu_seconds_one(pid, NULL);
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    const char *pp = strstr(buf, "\nPPid:"), *rss = strstr(buf, "\nVmRSS:");
+    if (!pp || !rss)
+        return -1;
+    if (ppid)
+        *ppid = atoi(pp + 7);
+    return atof(rss + 8);
+}
+
+/* A figure of a process plus its children (a server with processes=N is a
+ * supervisor and N forked servers). */
+static double tree_sum(int pid, double (*one)(int, int *))
+{
+    double total = one(pid, NULL);
     if (total < 0)
         return -1;
     DIR *d = opendir("/proc");
@@ -266,12 +288,17 @@ static double cpu_seconds_pid(int pid)
         int ppid = 0;
         if (*end || child <= 0 || child == pid)
             continue;
-        double c = cpu_seconds_one((int)child, &ppid);
+        double c = one((int)child, &ppid);
         if (c >= 0 && ppid == pid)
             total += c;
     }
     closedir(d);
     return total;
+}
+
+static double cpu_seconds_pid(int pid)
+{
+    return tree_sum(pid, cpu_seconds_one);
 }
 
 /* Busy CPU seconds of the whole machine (all CPUs, idle and iowait
@@ -543,6 +570,9 @@ static void usage(FILE *f)
             "  --connect-timeout SEC  (default 10)\n"
             "  --cpu N             pin this process to CPU N\n"
             "  --server-pid PID    also report that process's CPU time over the window (/proc)\n"
+            "  --idle N            first open N more connections, each sending one message and\n"
+            "                      checking its reply, then left idle during the run; with\n"
+            "                      --server-pid, the server's RSS before and after is reported\n"
             "  --seed N            random seed\n");
 }
 
@@ -574,7 +604,7 @@ static void parse_args(int argc, char **argv)
         {"host", 1, 0, 'h'}, {"port", 1, 0, 'p'}, {"conns", 1, 0, 'c'}, {"depth", 1, 0, 'd'},
         {"size", 1, 0, 's'}, {"framing", 1, 0, 'f'}, {"expect", 1, 0, 'e'},
         {"duration", 1, 0, 'D'}, {"warmup", 1, 0, 'W'}, {"grace", 1, 0, 'G'},
-        {"connect-timeout", 1, 0, 'T'}, {"cpu", 1, 0, 'C'}, {"server-pid", 1, 0, 'P'},
+        {"connect-timeout", 1, 0, 'T'}, {"cpu", 1, 0, 'C'}, {"server-pid", 1, 0, 'P'}, {"idle", 1, 0, 'I'},
         {"seed", 1, 0, 'S'}, {"help", 0, 0, 'H'}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -600,6 +630,7 @@ static void parse_args(int argc, char **argv)
         case 'T': opt.connect_timeout = parse_double(optarg, "connect-timeout"); break;
         case 'C': opt.cpu = parse_int(optarg, "cpu", 0, 4095); break;
         case 'P': opt.server_pid = parse_int(optarg, "server-pid", 1, 1 << 30); break;
+        case 'I': opt.idle = parse_int(optarg, "idle", 0, 1000000); break;
         case 'S': opt.seed = strtoull(optarg, NULL, 0) | 1; break;
         case 'H': usage(stdout); exit(0);
         default: usage(stderr); exit(2);
@@ -704,6 +735,118 @@ static int connect_all(const struct sockaddr_in *sa)
     return open_conns;
 }
 
+/* Opens opt.idle connections in batches (the server's backlog is finite),
+ * each sending one framed message and checking the echo, and leaves them
+ * open, outside the epoll set of the run: they cost this process nothing
+ * while the active connections are measured.  Returns how many were
+ * answered; the rest count as connect or io errors. */
+static int open_idle(const struct sockaddr_in *sa, double *setup_s)
+{
+    uint64_t t0 = now_ns();
+    int iep = epoll_create1(EPOLL_CLOEXEC);
+    if (iep < 0) {
+        perror("epoll_create1");
+        exit(2);
+    }
+    unsigned char msg[16];
+    size_t mlen;
+    if (opt.length_framing) {
+        memcpy(msg, "\0\0\0\4idle", 8);
+        mlen = 8;
+    } else {
+        memcpy(msg, "idle\n", 5);
+        mlen = 5;
+    }
+    enum { BATCH = 256 };
+    typedef struct { int fd, state; size_t got; } idle_conn; /* 0 connecting, 1 waiting reply, 2 done */
+    idle_conn b[BATCH];
+    int answered = 0;
+    for (int base = 0; base < opt.idle; base += BATCH) {
+        int n = opt.idle - base < BATCH ? opt.idle - base : BATCH, left = 0;
+        for (int i = 0; i < n; i++) {
+            b[i].got = 0;
+            b[i].state = 2;
+            b[i].fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+            if (b[i].fd < 0) {
+                fprintf(stderr, "loadgen: idle socket: %s\n", strerror(errno));
+                connect_errors++;
+                continue;
+            }
+            if (connect(b[i].fd, (const struct sockaddr *)sa, sizeof *sa) < 0 &&
+                errno != EINPROGRESS) {
+                fprintf(stderr, "loadgen: idle connect: %s\n", strerror(errno));
+                close(b[i].fd);
+                b[i].fd = -1;
+                connect_errors++;
+                continue;
+            }
+            struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = (uint32_t)i};
+            if (epoll_ctl(iep, EPOLL_CTL_ADD, b[i].fd, &ev) < 0) {
+                perror("epoll_ctl");
+                exit(2);
+            }
+            b[i].state = 0;
+            left++;
+        }
+        uint64_t deadline = now_ns() + (uint64_t)(opt.connect_timeout * 1e9);
+        while (left > 0 && now_ns() < deadline) {
+            struct epoll_event evs[BATCH];
+            int k = epoll_wait(iep, evs, BATCH, 100);
+            if (k < 0 && errno != EINTR) {
+                perror("epoll_wait");
+                exit(2);
+            }
+            for (int j = 0; j < k; j++) {
+                idle_conn *c = &b[evs[j].data.u32];
+                if (c->state == 0 && (evs[j].events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+                    int err = 0;
+                    socklen_t el = sizeof err;
+                    getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                    /* A fresh socket takes a few bytes whole. */
+                    if (err || send(c->fd, msg, mlen, MSG_NOSIGNAL) != (ssize_t)mlen) {
+                        connect_errors++;
+                        c->state = 2;
+                        left--;
+                        continue;
+                    }
+                    c->state = 1;
+                    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = evs[j].data.u32};
+                    epoll_ctl(iep, EPOLL_CTL_MOD, c->fd, &ev);
+                } else if (c->state == 1 && (evs[j].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
+                    unsigned char got[16];
+                    ssize_t r = recv(c->fd, got, mlen - c->got, 0);
+                    if (r < 0 && (errno == EAGAIN || errno == EINTR))
+                        continue;
+                    if (r <= 0 || memcmp(got, msg + c->got, (size_t)r) != 0) {
+                        r <= 0 ? io_errors++ : mismatches++;
+                        c->state = 2;
+                        left--;
+                        continue;
+                    }
+                    c->got += (size_t)r;
+                    if (c->got == mlen) {
+                        c->state = 2;
+                        answered++;
+                        left--;
+                    }
+                }
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            if (b[i].fd < 0)
+                continue;
+            epoll_ctl(iep, EPOLL_CTL_DEL, b[i].fd, NULL);
+            if (b[i].state != 2) {
+                lost++;
+                fprintf(stderr, "loadgen: idle connection %d got no reply\n", base + i);
+            }
+        }
+    }
+    close(iep);
+    *setup_s = (double)(now_ns() - t0) / 1e9;
+    return answered;
+}
+
 int main(int argc, char **argv)
 {
     parse_args(argc, argv);
@@ -731,6 +874,18 @@ int main(int argc, char **argv)
     if (ep < 0 || !cs) {
         perror("setup");
         return 2;
+    }
+    double rss_before = -1, rss_idle = -1, idle_setup_s = 0;
+    int idle_answered = 0;
+    if (opt.idle > 0) {
+        if (opt.server_pid)
+            rss_before = tree_sum(opt.server_pid, rss_kib_one);
+        idle_answered = open_idle(&sa, &idle_setup_s);
+        if (opt.server_pid) {
+            struct timespec ts = {0, 200 * 1000000L}; /* let the server settle */
+            nanosleep(&ts, NULL);
+            rss_idle = tree_sum(opt.server_pid, rss_kib_one);
+        }
     }
     phase = P_CONNECT;
     int open_conns = connect_all(&sa);
@@ -837,6 +992,14 @@ int main(int argc, char **argv)
                opt.server_pid, srv_cpu, srv_cpu >= 0 ? srv_cpu * per : -1.0);
     if (mb_ok)
         printf(", \"machine_busy_s\": %.3f, \"machine_softirq_s\": %.3f", mb1 - mb0, ms1 - ms0);
+    if (opt.idle > 0) {
+        printf(", \"idle\": %d, \"idle_answered\": %d, \"idle_setup_s\": %.3f", opt.idle,
+               idle_answered, idle_setup_s);
+        if (rss_before >= 0 && rss_idle >= 0)
+            printf(", \"server_rss_kib_before_idle\": %.0f, \"server_rss_kib_with_idle\": %.0f, "
+                   "\"server_rss_bytes_per_idle_conn\": %.0f", rss_before, rss_idle,
+                   (rss_idle - rss_before) * 1024.0 / opt.idle);
+    }
     printf("}\n");
     return errors ? 1 : 0;
 }

@@ -6,7 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PP_BUF_MIN 4096
+/* Small: a connection's buffers are sized by its messages (256 B, then
+ * doubling), so idle connections with small messages stay cheap. */
+#define PP_BUF_MIN 256
 
 int pp__buf_reserve(pp_buf *b, size_t extra)
 {

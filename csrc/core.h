@@ -28,6 +28,8 @@
 typedef struct pp_server pp_server;
 struct epoll_event;
 
+#define PP_SCRATCH 16384            /* bytes the I/O thread reads at once */
+
 /* Connection flags, all owned by the I/O thread. */
 enum {
     PP_C_IN_FLIGHT = 1 << 0,   /* a task for it is queued or running */
@@ -96,6 +98,7 @@ struct pp_server {
     int64_t now;                /* ms, read once per loop round */
     int64_t idle_ms, stall_ms;  /* idle_timeout, send_timeout; 0 = none */
     size_t in_limit;            /* stop reading a connection holding this much */
+    unsigned char scratch[PP_SCRATCH]; /* the I/O thread's read buffer */
 
     int listen_fd[PP_MAX_LISTENERS];
     int nlisten;

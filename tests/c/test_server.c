@@ -1112,6 +1112,57 @@ static void test_stop_closes_idle(void)
     pp_server_free(s2);
 }
 
+/* Idle timers under churn: connections go silent at random moments while
+ * others keep talking.  Every silent one is closed by the idle timeout, no
+ * talking one ever is, and the counts add up: the sorted timer lists stay
+ * consistent through moves, expiries and closes (ASan, TSan, valgrind). */
+static void test_idle_timers(void)
+{
+    alarm(120);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.idle_timeout = 0.4;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    enum { CHATTY = 12, QUITTERS = 36, N = CHATTY + QUITTERS, ROUNDS = 30 };
+    int fd[N], quit_after[N];
+    uint64_t rng = 42;
+    for (int i = 0; i < N; i++) {
+        fd[i] = client_connect(port);
+        /* Quitters stop talking after a random number of rounds (0: never
+         * say anything); chatty ones talk every round. */
+        quit_after[i] = i < CHATTY ? ROUNDS : (int)check_range(&rng, 0, ROUNDS - 1);
+    }
+    char msg[32];
+    for (int r = 0; r < ROUNDS; r++) {
+        for (int i = 0; i < N; i++) {
+            if (r >= quit_after[i])
+                continue;
+            snprintf(msg, sizeof msg, "c%d-r%d", i, r);
+            /* A reply, not EOF: talking keeps a connection open. */
+            send_str(fd[i], &LINE_LF, msg);
+            expect_reply(fd[i], &LINE_LF, msg);
+        }
+        sleep_ms(20);
+    }
+    /* The quitters were closed for being silent, the chatty ones are still
+     * open now; they too go once silent. */
+    for (int i = CHATTY; i < N; i++)
+        expect_eof(fd[i]);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECKF(st.idle_closes >= QUITTERS, "idle_closes %llu", (unsigned long long)st.idle_closes);
+    for (int i = 0; i < CHATTY; i++)
+        expect_eof(fd[i]);
+    wait_active(srv, 0);
+    for (int i = 0; i < N; i++)
+        close(fd[i]);
+    server_down(srv, &st);
+    CHECK_EQ(st.idle_closes, N);
+    CHECK_EQ(st.accepted, N);
+    CHECK_EQ(st.closed, N);
+}
+
 /* A forced stop while handlers are stuck: join returns promptly, the run is
  * marked forced, pp_server_free() leaves the stuck workers what they use,
  * and the last of them frees it when the handlers finally return (LSan and
@@ -1906,6 +1957,7 @@ int main(int argc, char **argv)
     RUN("second_signal_forces", test_second_signal_forces());
     RUN("drain_timeout", test_drain_timeout());
     RUN("connection_events", test_connection_events());
+    RUN("idle_timers", test_idle_timers());
     RUN("stress", test_stress());
     RUN("forced_stop_stuck", test_forced_stop_with_stuck_handlers());
     sem_destroy(&H.entered);
