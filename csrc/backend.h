@@ -56,8 +56,13 @@ extern const pp_backend pp__backend_poll;
 extern const pp_backend pp__backend_epoll;
 #endif
 
+/* Readiness to read that a short read does not use up, only EAGAIN: TCP
+ * urgent data (a read stops short at the urgent mark).  epoll reports it. */
+#define PP_POLL_URGENT POLLPRI
+
 /* A syscall on w's fd found this direction (POLLIN or POLLOUT) used up: it
- * returned EAGAIN, or read less than it asked for. */
+ * returned EAGAIN (then pass POLLIN | PP_POLL_URGENT), or read less than it
+ * asked for. */
 static inline void pp__watch_drained(pp_watch *w, short ev)
 {
     w->ready = (short)(w->ready & ~ev);

@@ -14,6 +14,9 @@
  * takes a short read for "the socket is empty" and lets no recv() return
  * EAGAIN, and when the data and the FIN arrive together the read that gets
  * the data is short, yet no later edge would announce the EOF behind it.
+ * TCP urgent data is the other case where a read stops short of what is
+ * there (at the urgent mark): EPOLLPRI counts as readable until a recv()
+ * returns EAGAIN.
  *
  * The cost of a round is the number of ready fds, not of open ones, which is
  * the point: 10,000 idle connections cost nothing per round.
@@ -32,19 +35,19 @@
 
 #include "core.h"
 
-_Static_assert(EPOLLIN == POLLIN && EPOLLOUT == POLLOUT &&
+_Static_assert(EPOLLIN == POLLIN && EPOLLOUT == POLLOUT && EPOLLPRI == POLLPRI &&
                EPOLLERR == POLLERR && EPOLLHUP == POLLHUP,
                "epoll and poll event bits differ");
 
 #define PP_EP_MAX_EVENTS 1024
-#define PP_EP_EVENTS (EPOLLIN | EPOLLOUT | EPOLLERR | EPOLLHUP | EPOLLRDHUP)
+#define PP_EP_EVENTS (EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLERR | EPOLLHUP | EPOLLRDHUP)
 
 /* What w is ready for as the loop sees it: after the peer's FIN, reading is
  * always possible (it returns the rest, then 0). */
 static short readiness(const pp_watch *w)
 {
     short r = (short)(w->ready & (POLLIN | POLLOUT | POLLERR | POLLHUP));
-    if (w->ready & (short)EPOLLRDHUP)
+    if (w->ready & (short)(EPOLLRDHUP | EPOLLPRI))
         r |= POLLIN;
     return r;
 }
@@ -87,7 +90,7 @@ static int bep_add(pp_server *srv, pp_watch *w)
     struct epoll_event ev = {0};
     ev.events = EPOLLIN | EPOLLET;
     if (w->kind == PP_W_CONN)
-        ev.events |= EPOLLOUT | EPOLLRDHUP;
+        ev.events |= EPOLLOUT | EPOLLRDHUP | EPOLLPRI;
     ev.data.ptr = w;
     /* The kernel reports an fd that is ready already at once, so nothing
      * that happened before this call is missed. */

@@ -190,15 +190,24 @@ static void accept_resume(pp_server *srv)
 }
 
 /* Turns one waiting connection away with the framed rejection message.
- * Returns 0, or -1 when there is none to take or accepting failed. */
-static int reject_one(pp_server *srv, int lfd)
+ * Returns 0, or -1 when there is none to take (the listener is then drained)
+ * or accepting failed (then accepting pauses, as in do_accept). */
+static int reject_one(pp_server *srv, pp_watch *lw)
 {
     int fd;
     do
-        fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        fd = accept4(lw->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     while (fd < 0 && errno == EINTR);
-    if (fd < 0)
+    if (fd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            pp__watch_drained(lw, POLLIN);
+        } else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+                   errno == ENOMEM) {
+            pp__stat_add(&srv->stats.accept_errors, 1);
+            accept_pause(srv, pp__now_ms() + PP_ACCEPT_RETRY_MS);
+        }
         return -1;
+    }
     /* Best effort: a fresh socket's buffer takes a short message whole. */
     ssize_t n = send(fd, srv->reject_msg, srv->reject_len, MSG_NOSIGNAL | MSG_DONTWAIT);
     (void)n;
@@ -217,7 +226,7 @@ static void do_accept(pp_server *srv, pp_watch *lw)
             /* Either say no to each newcomer (a bounded number per round,
              * so a flood cannot hold the loop), or stop accepting until a
              * connection closes and let the backlog hold the rest. */
-            if (srv->reject_msg && rejected++ < 64 && reject_one(srv, lfd) == 0)
+            if (srv->reject_msg && rejected++ < 64 && reject_one(srv, lw) == 0)
                 continue;
             if (!srv->reject_msg)
                 accept_pause(srv, 0);
@@ -454,7 +463,7 @@ static void conn_read(pp_server *srv, pp_conn *c)
             if (n < 0 && errno == EINTR)
                 continue;
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-                pp__watch_drained(&c->w, POLLIN);
+                pp__watch_drained(&c->w, POLLIN | PP_POLL_URGENT);
                 return;
             }
             c->flags |= PP_C_BROKEN; /* EOF or error: done lingering */
@@ -504,8 +513,12 @@ static void conn_read(pp_server *srv, pp_conn *c)
         if (errno == EINTR)
             continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            pp__watch_drained(&c->w, POLLIN);
-            c->flags |= PP_C_QUIET;
+            pp__watch_drained(&c->w, POLLIN | PP_POLL_URGENT);
+            /* Quiet means "read until empty once since the stop": an
+             * EAGAIN from before the stop says nothing about what came
+             * since. */
+            if (srv->draining)
+                c->flags |= PP_C_QUIET;
             break;
         }
         pp__stat_add(&srv->stats.read_errors, 1);
@@ -774,6 +787,7 @@ static int64_t list_deadline(const pp_link *list, int64_t limit)
 static void begin_drain(pp_server *srv)
 {
     srv->draining = 1;
+    srv->accept_retry_at = 0; /* accepting is over: no retry to wake for */
     srv->drain_deadline = pp__now_ms() + (int64_t)(srv->cfg.drain_timeout * 1000.0);
     /* No new connections from here on. */
     listeners_close(srv);
@@ -791,6 +805,7 @@ static void begin_drain(pp_server *srv)
 static void begin_force(pp_server *srv)
 {
     srv->forcing = 1;
+    srv->accept_retry_at = 0;
     atomic_store(&srv->forced, 1);
     srv->force_deadline = pp__now_ms() + PP_FORCE_GRACE_MS;
     if (!srv->draining) {
@@ -872,8 +887,9 @@ int pp__loop_run(pp_server *srv)
              * failed drain; anything else still open is cut. */
             srv->linger_check_at = now;
             expire_lingers(srv, now);
-            if (srv->nconns > 0)
-                begin_force(srv);
+            if (srv->nconns == 0)
+                break;
+            begin_force(srv);
             continue;
         }
         if (srv->accept_retry_at && now >= srv->accept_retry_at)

@@ -10,6 +10,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #define CHECK(expr)                                                           \
@@ -61,6 +62,16 @@ static inline uint64_t check_rand(uint64_t *state)
 static inline uint64_t check_range(uint64_t *state, uint64_t lo, uint64_t hi)
 {
     return lo + check_rand(state) % (hi - lo + 1);
+}
+
+/* Milliseconds of CPU (user + system) this process used so far: the tests
+ * that prove "never spin" compare it with the wall time of a quiet spell. */
+static inline int64_t cpu_ms(void)
+{
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return (int64_t)(r.ru_utime.tv_sec + r.ru_stime.tv_sec) * 1000 +
+           (r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1000;
 }
 
 /* Milliseconds on the monotonic clock. */

@@ -1163,6 +1163,166 @@ static void test_idle_timers(void)
     CHECK_EQ(st.closed, N);
 }
 
+/* Waits until upper_handler has entered a "block" message. */
+static void wait_entered(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += 10;
+    CHECKF(sem_timedwait(&H.entered, &ts) == 0, "the handler never started");
+}
+
+/* At max_connections with a reject message, a full server waits quietly: the
+ * listener's readiness is used up when nobody is waiting (edge-triggered
+ * epoll would otherwise report it every round). */
+static void test_full_server_rejecting_stays_quiet(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.max_connections = 1;
+    static const unsigned char busy[] = "busy";
+    cfg.reject_message = busy;
+    cfg.reject_message_len = 4;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    send_str(a, &LINE_LF, "a");
+    expect_reply(a, &LINE_LF, "a");
+    for (int round = 0; round < 2; round++) {
+        int64_t cpu0 = cpu_ms(), t0 = now_ms();
+        sleep_ms(500);
+        int64_t cpu = cpu_ms() - cpu0, wall = now_ms() - t0;
+        CHECKF(cpu * 2 < wall, "a full server spins: %lld ms CPU in %lld ms",
+               (long long)cpu, (long long)wall);
+        int b = client_connect(port); /* turned away, then quiet again */
+        expect_reply(b, &LINE_LF, "busy");
+        expect_eof(b);
+        close(b);
+    }
+    close(a);
+    wait_active(srv, 0);
+    pp_stats st;
+    server_down(srv, &st);
+    CHECK_EQ(st.rejected, 2);
+}
+
+/* A message that arrives while the connection's task runs, before a stop, is
+ * answered: the drain reads until empty once after the stop, whatever reads
+ * before it found (an EAGAIN from before says nothing about later bytes). */
+static void test_stop_answers_what_came_during_a_task(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.handler = upper_handler;
+    cfg.ctx = &H;
+    static const unsigned char bye[] = "bye";
+    cfg.shutdown_message = bye;
+    cfg.shutdown_message_len = 3;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int fd = client_connect(port);
+    /* Exactly one read's worth, so that the read after it meets EAGAIN. */
+    size_t fill = 16384 - 6 - 1;
+    char *m = malloc(fill + 1);
+    CHECK(m);
+    memset(m, 'a', fill);
+    m[fill] = 0;
+    bytes req = {0};
+    frame_put(&req, &LINE_LF, m, fill);
+    frame_put(&req, &LINE_LF, "block", 5);
+    CHECK_EQ(req.n, 16384);
+    send_all(fd, req.p, req.n);
+    wait_entered();
+    send_str(fd, &LINE_LF, "after");           /* sent before the stop */
+    sleep_ms(100);
+    pp_server_stop(srv, 0);
+    sleep_ms(50);
+    sem_post(&H.gate);
+    memset(m, 'A', fill);
+    expect_reply(fd, &LINE_LF, m);
+    expect_reply(fd, &LINE_LF, "UNBLOCKED");
+    expect_reply(fd, &LINE_LF, "AFTER");
+    expect_reply(fd, &LINE_LF, "bye");
+    expect_eof(fd);
+    close(fd);
+    CHECK_EQ(pp_server_join(srv), 0);
+    pp_server_free(srv);
+    free(m);
+    bytes_free(&req);
+}
+
+/* TCP urgent data: a read stops short at the urgent mark, so the bytes after
+ * it are there although the read was short.  They are answered at once. */
+static void test_urgent_data_does_not_stall(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.handler = upper_handler;
+    cfg.ctx = &H;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int fd = client_connect(port);
+    send_str(fd, &LINE_LF, "block");
+    wait_entered();
+    CHECK(send(fd, "hello\n", 6, 0) == 6);
+    sleep_ms(20);
+    CHECK(send(fd, "X", 1, MSG_OOB) == 1);     /* out of band: not in the stream */
+    sleep_ms(20);
+    CHECK(send(fd, "world\n", 6, 0) == 6);
+    sleep_ms(50);
+    sem_post(&H.gate);
+    expect_reply(fd, &LINE_LF, "UNBLOCKED");
+    expect_reply(fd, &LINE_LF, "HELLO");
+    expect_reply(fd, &LINE_LF, "WORLD");      /* without another message */
+    close(fd);
+    wait_active(srv, 0);
+    pp_stats st;
+    server_down(srv, &st);
+}
+
+/* The drain deadline comes while the last connection lingers and becomes
+ * closable in that very round: the loop ends there, it does not go round
+ * without anything left to do. */
+static void test_drain_deadline_with_a_lingering_peer(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.handler = upper_handler;
+    cfg.ctx = &H;
+    /* As long as a lingering close may wait (PP_LINGER_MS): the linger of
+     * the goodbye then ends in the same round as the drain. */
+    cfg.drain_timeout = 2.0;
+    static const unsigned char bye[] = "bye";
+    cfg.shutdown_message = bye;
+    cfg.shutdown_message_len = 3;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int fd = client_connect_buf(port, 2048);
+    size_t n = 10000;
+    char *m = malloc(n + 1);
+    CHECK(m);
+    memset(m, 'a', n);
+    m[n] = 0;
+    send_str(fd, &LINE_LF, m);           /* the reply is not read: it waits */
+    sleep_ms(200);
+    int64_t t0 = now_ms(), cpu0 = cpu_ms();
+    pp_server_stop(srv, 0);
+    while (!pp_server_done(srv) && now_ms() - t0 < 10000)
+        sleep_ms(20);
+    int64_t wall = now_ms() - t0, cpu = cpu_ms() - cpu0;
+    CHECKF(pp_server_done(srv), "the drain never ended (%lld ms)", (long long)wall);
+    CHECKF(cpu * 2 < wall, "the drain spun: %lld ms CPU in %lld ms", (long long)cpu,
+           (long long)wall);
+    CHECK_EQ(pp_server_join(srv), 0);
+    pp_server_free(srv);
+    close(fd);
+    free(m);
+}
+
 /* A forced stop while handlers are stuck: join returns promptly, the run is
  * marked forced, pp_server_free() leaves the stuck workers what they use,
  * and the last of them frees it when the handlers finally return (LSan and
@@ -1386,16 +1546,9 @@ static void test_emfile(void)
     int c = client_connect(port);                 /* takes the last descriptor */
     send_str(c, &LINE_LF, "waiting");
 
-    struct rusage r0, r1;
-    getrusage(RUSAGE_SELF, &r0);
-    int64_t t0 = now_ms();
+    int64_t cpu0 = cpu_ms(), t0 = now_ms();
     sleep_ms(800);
-    getrusage(RUSAGE_SELF, &r1);
-    int64_t wall = now_ms() - t0;
-    int64_t cpu = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) * 1000 +
-                  (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) / 1000 +
-                  (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1000 +
-                  (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1000;
+    int64_t wall = now_ms() - t0, cpu = cpu_ms() - cpu0;
     pp_stats st;
     pp_server_stats(srv, &st);
     CHECKF(st.accept_errors >= 1, "accept never failed (%llu accepted)",
@@ -1958,6 +2111,10 @@ int main(int argc, char **argv)
     RUN("drain_timeout", test_drain_timeout());
     RUN("connection_events", test_connection_events());
     RUN("idle_timers", test_idle_timers());
+    RUN("full_server_rejecting_quiet", test_full_server_rejecting_stays_quiet());
+    RUN("stop_answers_during_task", test_stop_answers_what_came_during_a_task());
+    RUN("urgent_data", test_urgent_data_does_not_stall());
+    RUN("drain_deadline_lingering", test_drain_deadline_with_a_lingering_peer());
     RUN("stress", test_stress());
     RUN("forced_stop_stuck", test_forced_stop_with_stuck_handlers());
     sem_destroy(&H.entered);
