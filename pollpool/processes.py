@@ -96,17 +96,21 @@ def reserve(host: str, port: int) -> Tuple[List[socket.socket], int]:
 
 
 class _Child:
-    __slots__ = ("slot", "pid", "sock", "buf", "last", "final", "forced", "born")
+    __slots__ = ("slot", "pid", "sock", "lock", "buf", "seq", "last", "final", "forced",
+                 "born", "reaped")
 
     def __init__(self, slot: int, pid: int, sock: socket.socket) -> None:
         self.slot = slot
         self.pid = pid
         self.sock = sock
+        self.lock = threading.Lock()       # the socket and what is read from it
         self.buf = b""
+        self.seq = 0                       # of the last stats request
         self.last: Dict[str, int] = {}     # the latest stats it sent
         self.final: Optional[Dict[str, int]] = None
         self.forced = False
         self.born = time.monotonic()
+        self.reaped = False                # waited for: its pid may be reused
 
 
 def _send(sock: socket.socket, msg: Dict[str, Any]) -> None:
@@ -126,11 +130,14 @@ class ProcessGroup:
         self._restarts = 0
         self._delay = [RESTART_DELAY] * self.n
         self._due: Dict[int, float] = {}         # slot -> when to restart it
-        self._io = threading.Lock()              # child sockets and the tables
+        self._io = threading.Lock()              # the tables above
         self._stop_level = 0
         self._signals = 0                        # bumped by signal handlers
         self._forced = False
         self._thread: Optional[threading.Thread] = None
+        self._supervised = False                 # a thread runs _supervise
+        self._started = threading.Event()
+        self._start_error: Optional[BaseException] = None
         self._done = threading.Event()
         self._parent = os.getpid()
 
@@ -144,18 +151,44 @@ class ProcessGroup:
 
     def start(self, background: bool) -> None:
         """Forks every child and returns once all listen; a child that cannot
-        start makes this raise (the others are stopped)."""
+        start makes this raise (the others are stopped).
+
+        Children are forked by the thread that supervises them: the kernel's
+        parent-death signal fires when the forking *thread* exits, so that
+        thread must outlive them.  In the background that is a thread of our
+        own; in the foreground the caller, who then calls serve()."""
         self.listen()
+        self._supervised = True
+        if not background:
+            self._start_all()
+            return
+        self._thread = threading.Thread(target=self._background, name="pollpool-supervisor",
+                                        daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    def _start_all(self) -> None:
         try:
             for slot in range(self.n):
                 self._start_child(slot)
         except BaseException:
-            self.stop(timeout=self.server.drain_timeout)
+            self.request_stop()
+            self._reap_all(self.server.drain_timeout)
+            self._finish()
             raise
-        if background:
-            self._thread = threading.Thread(target=self._supervise, name="pollpool-supervisor",
-                                            daemon=True)
-            self._thread.start()
+
+    def _background(self) -> None:
+        try:
+            self._start_all()
+        except BaseException as e:
+            self._start_error = e
+            return
+        finally:
+            self._started.set()
+        self._supervise()
 
     def serve(self) -> None:
         """Supervises on this thread until stopped; on the main thread SIGINT
@@ -177,26 +210,24 @@ class ProcessGroup:
         self._signals += 1
 
     def request_stop(self, force: bool = False) -> None:
+        """Graceful (SIGTERM to each child), or forced (a second SIGTERM: the
+        children's own second signal cuts).  Asking again for the same level
+        changes nothing."""
         with self._io:
-            want = 2 if force or self._stop_level >= 1 else 1
+            want = 2 if force else 1
             if want <= self._stop_level:
                 return
             self._stop_level = want
             self._due.clear()
             for child in self._children.values():
-                self._kill(child.pid, signal.SIGTERM)
+                if not child.reaped:
+                    self._kill(child.pid, signal.SIGTERM)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         self.request_stop()
-        if self._thread is None and not self._done.is_set():
-            # Nobody supervises (start failed, or serve() never ran): reap here.
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while self._children:
-                if deadline is not None and time.monotonic() > deadline:
-                    self.request_stop(force=True)
-                    deadline = None
-                self._reap()
-                time.sleep(_TICK)
+        if not self._supervised:
+            # Nobody supervises (never started): reap here.
+            self._reap_all(timeout)
             self._finish()
             return
         if timeout is not None and not self._done.wait(timeout):
@@ -204,6 +235,15 @@ class ProcessGroup:
         self._done.wait()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def _reap_all(self, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._children:
+            if deadline is not None and time.monotonic() > deadline:
+                self.request_stop(force=True)
+                deadline = None
+            self._reap()
+            time.sleep(_TICK)
 
     @property
     def forced(self) -> bool:
@@ -215,17 +255,22 @@ class ProcessGroup:
 
     def stats(self) -> Dict[str, int]:
         from .server import STAT_FIELDS
+        # One snapshot of who is alive and what the dead counted, so that a
+        # child reaped meanwhile is counted once; then each child is asked
+        # under its own lock, which leaves reaping and restarts free to go on.
         with self._io:
             total = dict.fromkeys(STAT_FIELDS, 0)
             for k, v in self._dead.items():
                 total[k] = total.get(k, 0) + v
-            for child in list(self._children.values()):
-                got = self._ask(child)
-                for k in STAT_FIELDS:
-                    total[k] += got.get(k, 0)
-            total["processes"] = len(self._children)
+            children = list(self._children.values())
+            total["processes"] = len(children)
             total["restarts"] = self._restarts
-            return total
+        for child in children:
+            with child.lock:
+                got = self._ask(child)
+            for k in STAT_FIELDS:
+                total[k] += got.get(k, 0)
+        return total
 
     # -- supervision -----------------------------------------------------
 
@@ -233,8 +278,9 @@ class ProcessGroup:
         try:
             seen = 0
             while True:
-                if self._signals != seen:
-                    seen = self._signals
+                # Each signal is one step: the first drains, the next cuts.
+                while seen < self._signals:
+                    seen += 1
                     self.request_stop(force=self._stop_level >= 1)
                 self._reap()
                 with self._io:
@@ -264,17 +310,26 @@ class ProcessGroup:
         self._done.set()
 
     def _reap(self) -> None:
+        exited = []
         with self._io:
             for slot, child in list(self._children.items()):
                 try:
                     pid, status = os.waitpid(child.pid, os.WNOHANG)
                 except ChildProcessError:
                     pid, status = child.pid, 0
-                if pid == 0:
-                    continue
+                if pid != 0:
+                    child.reaped = True
+                    exited.append((child, status))
+        for child, status in exited:
+            with child.lock:
                 self._drain(child)
-                del self._children[slot]
                 child.sock.close()
+        with self._io:
+            # Out of the table and into the totals at once: stats() sees the
+            # child in exactly one of them.
+            for child, status in exited:
+                slot = child.slot
+                del self._children[slot]
                 code = os.waitstatus_to_exitcode(status)
                 if child.forced or code == 130:
                     self._forced = True
@@ -345,8 +400,14 @@ class ProcessGroup:
             self._handle(child, msg)
 
     def _ask(self, child: _Child) -> Dict[str, int]:
+        """The child's counters now (or the last known).  Answers carry the
+        request's number, so a late answer to a timed-out request is not
+        taken for the answer to the next one."""
+        if child.sock.fileno() < 0:
+            return child.last
+        child.seq += 1
         try:
-            _send(child.sock, {"cmd": "stats"})
+            _send(child.sock, {"cmd": "stats", "seq": child.seq})
         except OSError:
             return child.last
         deadline = time.monotonic() + STATS_TIMEOUT
@@ -355,7 +416,7 @@ class ProcessGroup:
             if msg is None:
                 return child.last
             self._handle(child, msg)
-            if "stats" in msg or "final" in msg:
+            if "final" in msg or msg.get("seq") == child.seq:
                 return child.last
 
     def _wait_ready(self, child: _Child) -> None:
@@ -389,7 +450,12 @@ class ProcessGroup:
         # the child touches only what it builds after the fork.
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
         if pid == 0:  # pragma: no cover - runs in the child, which _exits
             code = 1
             try:
@@ -422,7 +488,12 @@ def _describe(code: int) -> str:
 def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: int) -> int:
     """A server process: serves until SIGTERM, reports, returns the exit code."""
     from .server import Server
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # Until the server's own handlers are in place (serve_forever), a stop
+    # waits: killed by a default SIGTERM, the child would reset what its
+    # backlog holds.  The parent's Python handlers go too.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    for sig in stop_signals:
         signal.signal(sig, signal.SIG_DFL)
     os.setpgid(0, 0)
     lib.pp_py_parent_death_signal(signal.SIGTERM)
@@ -455,16 +526,21 @@ def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: in
             buf += data
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                if json.loads(line).get("cmd") == "stats":
+                req = json.loads(line)
+                if req.get("cmd") == "stats":
                     try:
-                        send({"stats": srv.stats()})
+                        send({"stats": srv.stats(), "seq": req.get("seq")})
                     except OSError:
                         return
 
-    send({"ready": os.getpid()})
-    threading.Thread(target=answer, name="pollpool-stats", daemon=True).start()
+    def ready() -> None:
+        # Serving, with the handlers installed: a stop now drains.
+        send({"ready": os.getpid()})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        threading.Thread(target=answer, name="pollpool-stats", daemon=True).start()
+
     try:
-        final = srv.serve_forever()
+        final = srv.serve_forever(on_ready=ready)
     except Exception:
         log.exception("server process %d failed", os.getpid())
         return 1

@@ -201,6 +201,11 @@ BAD_OPTIONS = {
     "drain_timeout=str": lambda: {"drain_timeout": "soon"},
     "shutdown_message=int": lambda: {"shutdown_message": 123},
     "host=int": lambda: {"host": 123},
+    "backend=select": lambda: {"backend": "select"},
+    "backend=int": lambda: {"backend": 1},
+    "processes=0": lambda: {"processes": 0},
+    "processes=str": lambda: {"processes": "2"},
+    "reuse_port=1": lambda: {"reuse_port": 1},
     "Lines(delimiter=b'')": _bad_framing(lambda: pollpool.Lines(delimiter=b"")),
     "Lines(delimiter=17 bytes)": _bad_framing(lambda: pollpool.Lines(delimiter=b"x" * 17)),
     "Lines(delimiter=int)": _bad_framing(lambda: pollpool.Lines(delimiter=1)),
@@ -217,6 +222,26 @@ def test_bad_option_raises_at_construction(name):
     with pytest.raises((ValueError, TypeError)):
         options = BAD_OPTIONS[name]()
         pollpool.Server(pollpool.handlers.echo, host="127.0.0.1", port=0, **options)
+
+
+def test_backend_comes_from_the_environment_when_not_given(monkeypatch, backend):
+    assert pollpool.Server(pollpool.handlers.echo, port=0).backend == backend
+    assert pollpool.Server(pollpool.handlers.echo, port=0, backend="poll").backend == "poll"
+    monkeypatch.setenv("POLLPOOL_BACKEND", "kqueue")
+    with pytest.raises(ValueError, match="POLLPOOL_BACKEND"):
+        pollpool.Server(pollpool.handlers.echo, port=0)
+
+
+def test_reuse_port_lets_two_servers_share_a_port(make_server, connect):
+    a = make_server(reuse_port=True)
+    b = make_server(reuse_port=True, port=a.address[1])
+    assert a.address == b.address
+    clients = [connect(a) for _ in range(20)]
+    for i, c in enumerate(clients):
+        assert c.exchange([b"m%d" % i]) == [b"m%d" % i]
+    # The kernel spread them: 20 connections on one server has odds 2**-19.
+    assert a.stats()["accepted"] + b.stats()["accepted"] == 20
+    assert a.stats()["accepted"] > 0 and b.stats()["accepted"] > 0
 
 
 @pytest.mark.parametrize("handler", [None, 42, "echo", b"echo"], ids=repr)

@@ -356,7 +356,7 @@ def test_cli_help_lists_the_options():
     text = out.stdout.decode()
     for option in ("--host", "--port", "--threads", "--framing", "--handler",
                    "--max-message-size", "--max-connections", "--drain-timeout",
-                   "--shutdown-message"):
+                   "--shutdown-message", "--processes", "--backend"):
         assert option in text
 
 
