@@ -727,7 +727,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for sc in scenarios:
         # The pollpool variants (backends, processes) join the echo scenarios
         # when named with --servers.
-        if sc.handler == "echo":
+        if sc.servers == ECHO_SERVERS:
             sc.servers = sc.servers + [s for s in servers if s.startswith("pollpool_native_")
                                        and s not in sc.servers]
     if args.placements:
