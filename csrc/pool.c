@@ -101,6 +101,13 @@ static void *worker_main(void *arg)
         while (!w->wake)
             pthread_cond_wait(&w->cv, &p->mu);
     }
+    /* What the handler's host keeps per thread (a Python thread state) goes
+     * first, while the pool still stands. */
+    if (p->thread_exit) {
+        pthread_mutex_unlock(&p->mu);
+        p->thread_exit(p->arg);
+        pthread_mutex_lock(&p->mu);
+    }
     /* Freed before live drops: once it does, the last worker out may free
      * every worker's memory (orphan_free). */
     free(w->msgs);

@@ -62,6 +62,7 @@ struct pp_pool {
     pp_task_fn run;
     void *arg;
     void (*orphan_free)(void *arg); /* called by the last orphaned worker */
+    void (*thread_exit)(void *arg); /* called by each worker as it exits */
 };
 
 /* Prepares nthreads workers; starts none.  Returns 0 or -ENOMEM/-errno. */

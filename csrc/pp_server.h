@@ -73,6 +73,8 @@ typedef struct pp_config {
     void *ctx;                  /* passed to handler, batch and the hooks */
     pp_open_fn on_open;         /* optional connection events (pollpool.h) */
     pp_close_fn on_close;
+    void (*worker_exit)(void *ctx); /* optional: each worker thread calls it
+                                   as it exits (to free per-thread state) */
 } pp_config;
 
 /* Counters; a snapshot, each value read atomically but not all at one instant. */

@@ -228,6 +228,30 @@ def _pp_py_close(ctx: Any, conn_id: int) -> None:
         log.exception("%s.on_disconnect failed on connection %d", h.name, conn_id)
 
 
+def _reporter(h: _PyHandler) -> Callable[[int, int, Any], None]:
+    """What the C fast path (pp_py_fast_batch) calls to log a failure; the
+    connection is then closed.  Codes as in _build.py's PP_FAST_*."""
+    def report(code: int, conn_id: int, obj: Any) -> None:
+        if code == 0:
+            exc = (type(obj), obj, obj.__traceback__) if obj is not None else None
+            log.error("handler %s failed on connection %d; closing it", h.name, conn_id,
+                      exc_info=exc)
+        elif code == 1:
+            log.error("handler %s returned %s on connection %d; expected bytes, "
+                      "bytearray, memoryview or None; closing it",
+                      h.name, type(obj).__name__, conn_id,
+                      exc_info=TypeError(f"bad reply type {type(obj).__name__}"))
+        elif code == 2:
+            log.error("handler %s returned %d bytes on connection %d, more than "
+                      "a %d-byte length header can carry; closing it",
+                      h.name, obj, conn_id, h.header_bytes)
+        elif code == 3:
+            log.warning("connection %d passed its output limit; closing it", conn_id)
+        else:
+            log.error("out of memory queueing replies on connection %d; closing it", conn_id)
+    return report
+
+
 def _frame_checked(h: _PyHandler, results: list, conn_id: int) -> Tuple[bytes, int, bool]:
     """Frames results one by one, skipping None, up to the first that is not
     bytes-like or does not fit the length header.  Returns the framed bytes,
@@ -471,13 +495,24 @@ class Server:
             cfg.handler, cfg.ctx, cfg.on_open, cfg.on_close = self.handler._pointers()
         else:
             state = _PyHandler(self.handler, self.framing)
-            self._handle = ffi.new_handle(state)
             cfg.handler = ffi.NULL
-            cfg.batch = lib.pp_py_batch
-            cfg.ctx = self._handle
             if state.aware:
+                self._handle = ffi.new_handle(state)
+                cfg.batch = lib.pp_py_batch
+                cfg.ctx = self._handle
                 cfg.on_open = lib.pp_py_open
                 cfg.on_close = lib.pp_py_close
+            else:
+                # The C fast path holds raw PyObject pointers: what they point
+                # to lives as long as this handle (see _ORPHANS).
+                fast = ffi.new("pp_pyfast *")
+                report = _reporter(state)
+                self._handle = (fast, self.handler, report)
+                fast.fn = ffi.cast("void *", id(self.handler))
+                fast.report = ffi.cast("void *", id(report))
+                cfg.batch = lib.pp_py_fast_batch
+                cfg.ctx = fast
+                cfg.worker_exit = lib.pp_py_fast_worker_exit
         out = ffi.new("pp_server **")
         rc = lib.pp_server_new(cfg, out)
         if rc < 0:

@@ -328,6 +328,34 @@ static void test_stop_idle_is_prompt(void)
     counter_free(c);
 }
 
+/* thread_exit runs once on every worker thread, on that thread, as it exits
+ * (the Python glue frees the thread's interpreter state there). */
+static _Atomic int exits;
+static _Thread_local int ran_here;
+static void count_exit(void *arg)
+{
+    (void)arg;
+    CHECK(!ran_here);
+    ran_here = 1;
+    atomic_fetch_add(&exits, 1);
+}
+
+static void test_thread_exit_hook(void)
+{
+    counter *c = counter_new(1);
+    pp_pool p;
+    c->pool = &p;
+    CHECK_EQ(pp__pool_init(&p, 5, run_job, c), 0);
+    p.thread_exit = count_exit;
+    atomic_store(&exits, 0);
+    CHECK_EQ(pp__pool_start(&p), 0);
+    CHECK_EQ(pp__pool_stop(&p, 0, -1), 0);
+    CHECK_EQ(atomic_load(&exits), 5);
+    CHECK_EQ(pp__pool_release(&p), 1);
+    pp__pool_destroy(&p);
+    counter_free(c);
+}
+
 /* The abandon path, as after a forced server stop: workers stuck in a
  * handler outlive the owner.  stop(abandon = 1, timeout) returns 1;
  * release() returns 0 and hands the pool to the workers; queued tasks are
@@ -432,6 +460,7 @@ int main(void)
     test_stress_tiny_tasks();
     test_graceful_stop_drains_queue();
     test_stop_idle_is_prompt();
+    test_thread_exit_hook();
     test_abandon_idle();
     for (int round = 0; round < 20; round++)
         test_abandon_orphan(round % 3 + 2, round);
