@@ -82,7 +82,7 @@ def _server_cmd(server: str, handler: str, threads: int) -> List[str]:
 
 SERVER_LABELS = {
     "epoll_c": "C epoll (1 thread)",
-    "pollpool_native": "pollpool native echo",
+    "pollpool_native": "pollpool native echo (poll)",
     "pollpool_python": "pollpool Python handler",
     "pollpool_native_epoll": "pollpool native echo, epoll",
     "pollpool_native_procs2": "pollpool native echo, processes=2",
