@@ -221,20 +221,30 @@ static double cpu_seconds_self(void)
            (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
-/* utime + stime of a whole process (all its threads, dead ones included), in
- * seconds, from /proc/PID/stat; -1 if unreadable.  *ppid gets its parent. */
-static double cpu_seconds_one(int pid, int *ppid)
+/* Reads /proc/PID/<name> into buf as a string.  Returns 0, or -1 if the
+ * process is gone or the file unreadable. */
+static int read_proc(int pid, const char *name, char *buf, size_t size)
 {
-    char path[64], buf[4096];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", pid, name);
     int fd = open(path, O_RDONLY);
     if (fd < 0)
         return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
+    ssize_t n = read(fd, buf, size - 1);
     close(fd);
     if (n <= 0)
         return -1;
     buf[n] = 0;
+    return 0;
+}
+
+/* utime + stime of a whole process (all its threads, dead ones included), in
+ * seconds, from /proc/PID/stat; -1 if unreadable.  *ppid gets its parent. */
+static double cpu_seconds_one(int pid, int *ppid)
+{
+    char buf[4096];
+    if (read_proc(pid, "stat", buf, sizeof buf) < 0)
+        return -1;
     char *p = strrchr(buf, ')'); /* comm may contain spaces */
     if (!p)
         return -1;
@@ -253,16 +263,9 @@ static double cpu_seconds_one(int pid, int *ppid)
  * unreadable.  *ppid gets its parent. */
 static double rss_kib_one(int pid, int *ppid)
 {
-    char path[64], buf[4096];
-    snprintf(path, sizeof path, "/proc/%d/status", pid);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
+    char buf[4096];
+    if (read_proc(pid, "status", buf, sizeof buf) < 0)
         return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return -1;
-    buf[n] = 0;
     const char *pp = strstr(buf, "\nPPid:"), *rss = strstr(buf, "\nVmRSS:");
     if (!pp || !rss)
         return -1;

@@ -35,19 +35,19 @@ _RUNNING: "weakref.WeakSet[Server]" = weakref.WeakSet()
 
 
 class _PyHandler:
-    """What a worker reaches through the ctx pointer: the handler and what it
-    takes to cut messages and frame replies in Python.
+    """What it takes to call a Python handler and frame its replies.
 
-    A plain callable gets ``message``; a connection-aware handler (an object
-    with any of ``on_connect``, ``on_message``, ``on_disconnect``) gets the
-    :class:`Connection` too, and its events."""
+    A plain callable gets ``message`` and is called from C (pp_py_fast_batch
+    in _build.py; this object only names it in the logs).  A
+    connection-aware handler (an object with any of ``on_connect``,
+    ``on_message``, ``on_disconnect``) is reached through the ctx pointer by
+    the cffi callbacks below, and gets the :class:`Connection` too."""
 
-    __slots__ = ("fn", "name", "delim", "header_bytes", "reply_max", "aware",
+    __slots__ = ("name", "delim", "header_bytes", "reply_max", "aware",
                  "on_connect", "on_message", "on_disconnect", "conns")
 
     def __init__(self, handler: Any, framing: Framing) -> None:
         self.aware = is_connection_aware(handler)
-        self.fn = None if self.aware else handler
         self.on_connect = getattr(handler, "on_connect", None) if self.aware else None
         self.on_message = getattr(handler, "on_message", None) if self.aware else None
         self.on_disconnect = getattr(handler, "on_disconnect", None) if self.aware else None
@@ -121,22 +121,20 @@ def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
 @ffi.def_extern(error=-1, onerror=_batch_failed)
 def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: Any,
                  block_len: int, scratch: Any, cap: int, res: Any) -> int:
-    # Runs on a worker thread with the GIL held, once per task: the whole
-    # messages of one connection.  Any C call would release and retake the
+    # A connection-aware handler's messages (plain callables go through
+    # pp_py_fast_batch).  Runs on a worker thread with the GIL held, once per
+    # task: the whole messages of one connection.  Any C call would release
+    # and retake the
     # GIL, so messages come in with one copy (line frames are contiguous and
     # split at C speed) and framed replies leave through scratch, copied
     # with ffi.memmove (which keeps the GIL); pp_py_batch queues them.
     # Returns PP_KEEP (0), PP_CLOSE (1) or -1 to close on an error.
     h: _PyHandler = ffi.from_handle(ctx)
     delim = h.delim
-    conn = None
-    if h.aware:
-        conn = h.conns[conn_id]
-        if h.on_message is None:
-            return 0
-        fn = functools.partial(h.on_message, conn)
-    else:
-        fn = h.fn
+    conn = h.conns[conn_id]
+    if h.on_message is None:
+        return 0
+    fn = functools.partial(h.on_message, conn)
     messages: Optional[list]
     results: list
     if delim is not None and n == 1:
@@ -151,7 +149,7 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
             ffi.memmove(scratch, data, len(data))
             res[0] = len(data)
             res[1] = 1
-            return 1 if conn is not None and conn.closing else 0
+            return 1 if conn.closing else 0
         results = [out]
         messages = None
     elif delim is not None and block_len <= 512 * n:
@@ -172,16 +170,12 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
             for start in range(0, len(messages), _PY_CHUNK):
                 chunk = messages[start:start + _PY_CHUNK] if start or len(messages) > _PY_CHUNK \
                     else messages
-                if conn is None:
-                    for msg in chunk:
-                        append(fn(msg))
-                else:
-                    for msg in chunk:
-                        append(fn(msg))
-                        if conn.closing:
-                            break
+                for msg in chunk:
+                    append(fn(msg))
                     if conn.closing:
                         break
+                if conn.closing:
+                    break
                 if start + _PY_CHUNK < len(messages) and _pending(results) > _PY_FLUSH:
                     if not _emit(h, results, reply, conn_id, scratch, cap, res, True):
                         return -1
@@ -192,7 +186,7 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
             log.exception("handler %s failed on connection %d; closing it", h.name, conn_id)
     if not _emit(h, results, reply, conn_id, scratch, cap, res) or failed:
         return -1
-    return 1 if conn is not None and conn.closing else 0
+    return 1 if conn.closing else 0
 
 
 @ffi.def_extern(error=-1, onerror=_batch_failed)

@@ -217,6 +217,19 @@ static int upper_handler(void *ctx, const unsigned char *msg, size_t len,
     return PP_KEEP;
 }
 
+/* config_for() serving upper_handler, with the shutdown message bye unless
+ * it is NULL. */
+static void config_upper(pp_config *cfg, const wire *w, const char *bye)
+{
+    config_for(cfg, w);
+    cfg->handler = upper_handler;
+    cfg->ctx = &H;
+    if (bye != NULL) {
+        cfg->shutdown_message = (const unsigned char *)bye;
+        cfg->shutdown_message_len = strlen(bye);
+    }
+}
+
 /* The batch flavour (what the Python glue uses): every message of a task
  * at once, one pp_reply_send() per reply; "quit" replies "BYE" and closes. */
 static int batch_upper(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
@@ -696,10 +709,8 @@ static void test_handler_close_and_errors(const wire *w)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, w);
+    config_upper(&cfg, w, NULL);
     cfg.threads = 2;
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
     int port;
     pp_server *srv = server_up(&cfg, &port);
     uint64_t calls0 = atomic_load(&H.calls);
@@ -938,13 +949,8 @@ static void test_stop_answers_unread_input(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &LINE_LF, "bye");
     cfg.max_message_size = 1024;       /* a small input limit */
-    static const unsigned char bye[] = "bye";
-    cfg.shutdown_message = bye;
-    cfg.shutdown_message_len = 3;
     int port;
     pp_server *srv = server_up(&cfg, &port);
     int fd = client_connect(port);
@@ -1015,9 +1021,7 @@ static void test_close_with_messages_behind(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &LINE_LF, NULL);
     int port;
     pp_server *srv = server_up(&cfg, &port);
     for (int round = 0; round < 2; round++) {
@@ -1051,9 +1055,7 @@ static void test_close_while_peer_sends(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &LINE_LF, NULL);
     int port;
     pp_server *srv = server_up(&cfg, &port);
     for (int round = 0; round < 5; round++) {
@@ -1214,12 +1216,7 @@ static void test_stop_answers_what_came_during_a_task(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
-    static const unsigned char bye[] = "bye";
-    cfg.shutdown_message = bye;
-    cfg.shutdown_message_len = 3;
+    config_upper(&cfg, &LINE_LF, "bye");
     int port;
     pp_server *srv = server_up(&cfg, &port);
     int fd = client_connect(port);
@@ -1259,9 +1256,7 @@ static void test_urgent_data_does_not_stall(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &LINE_LF, NULL);
     int port;
     pp_server *srv = server_up(&cfg, &port);
     int fd = client_connect(port);
@@ -1290,15 +1285,10 @@ static void test_drain_deadline_with_a_lingering_peer(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &LINE_LF, "bye");
     /* As long as a lingering close may wait (PP_LINGER_MS): the linger of
      * the goodbye then ends in the same round as the drain. */
     cfg.drain_timeout = 2.0;
-    static const unsigned char bye[] = "bye";
-    cfg.shutdown_message = bye;
-    cfg.shutdown_message_len = 3;
     int port;
     pp_server *srv = server_up(&cfg, &port);
     int fd = client_connect_buf(port, 2048);
@@ -1332,10 +1322,8 @@ static void test_forced_stop_with_stuck_handlers(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
+    config_upper(&cfg, &LINE_LF, NULL);
     cfg.threads = 4;
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
     int port;
     pp_server *srv = server_up(&cfg, &port);
     enum { NSTUCK = 2 };
@@ -1629,9 +1617,7 @@ static void test_reply_too_big_for_header(void)
     alarm(60);
     wire w1 = {PP_FRAMING_LENGTH, NULL, 0, 1};
     pp_config cfg;
-    config_for(&cfg, &w1);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &w1, NULL);
     int port;
     pp_server *srv = server_up(&cfg, &port);
     int a = client_connect(port), b = client_connect(port);
@@ -1773,9 +1759,7 @@ static void test_second_signal_forces(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &LINE_LF, NULL);
     cfg.drain_timeout = 60;
     pp_server *srv = NULL;
     CHECK_EQ(pp_server_new(&cfg, &srv), 0);
@@ -1815,9 +1799,7 @@ static void test_drain_timeout(void)
 {
     alarm(60);
     pp_config cfg;
-    config_for(&cfg, &LINE_LF);
-    cfg.handler = upper_handler;
-    cfg.ctx = &H;
+    config_upper(&cfg, &LINE_LF, NULL);
     cfg.drain_timeout = 0.3;
     int port;
     pp_server *srv = server_up(&cfg, &port);
