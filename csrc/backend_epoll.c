@@ -158,6 +158,7 @@ static int bep_wait(pp_server *srv, int timeout)
 
 const pp_backend pp__backend_epoll = {
     .name = "epoll",
+    .edge = 1,
     .init = bep_init,
     .destroy = bep_destroy,
     .add = bep_add,

@@ -938,7 +938,11 @@ int pp__loop_run(pp_server *srv)
                 conn_event(srv, PP_CONN_OF(w, w), re);
                 break;
             case PP_W_WAKE:
-                drain_wake_fd(srv);
+                /* Edge-triggered, every write to the eventfd is an edge of
+                 * its own: its count need not be read back to see the next
+                 * one, and a read per wake-up is saved. */
+                if (!srv->bk->edge)
+                    drain_wake_fd(srv);
                 pp__watch_drained(w, POLLIN);
                 break;
             default:
