@@ -10,7 +10,7 @@
  * doubling), so idle connections with small messages stay cheap. */
 #define PP_BUF_MIN 256
 
-int pp__buf_reserve(pp_buf *b, size_t extra)
+int pp__buf_grow(pp_buf *b, size_t extra)
 {
     if (b->cap - b->len >= extra)
         return 0;
@@ -39,17 +39,6 @@ int pp__buf_reserve(pp_buf *b, size_t extra)
     b->off = 0;
     b->len = used;
     b->cap = cap;
-    return 0;
-}
-
-int pp__buf_append(pp_buf *b, const void *p, size_t n)
-{
-    int rc = pp__buf_reserve(b, n);
-    if (rc < 0)
-        return rc;
-    if (n)
-        memcpy(b->data + b->len, p, n);
-    b->len += n;
     return 0;
 }
 

@@ -123,8 +123,8 @@ static int frame_length(const pp_framing *f, const unsigned char *data,
     return 1;
 }
 
-int pp__frame_next(const pp_framing *f, const unsigned char *data, size_t len,
-                   size_t *scanned, pp_frame *fr)
+int pp__frame_next_any(const pp_framing *f, const unsigned char *data,
+                       size_t len, size_t *scanned, pp_frame *fr)
 {
     switch (f->kind) {
     case PP_FRAMING_RAW:
@@ -143,7 +143,7 @@ int pp__frame_next(const pp_framing *f, const unsigned char *data, size_t len,
     }
 }
 
-int pp__frame_finish(const pp_framing *f, pp_buf *out, size_t body_len)
+int pp__frame_finish_any(const pp_framing *f, pp_buf *out, size_t body_len)
 {
     switch (f->kind) {
     case PP_FRAMING_RAW:

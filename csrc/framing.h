@@ -3,6 +3,7 @@
 #define PP_FRAMING_H
 
 #include <stddef.h>
+#include <string.h>
 
 #include "buffer.h"
 #include "pp_server.h"
@@ -34,8 +35,26 @@ int pp__framing_init(pp_framing *f, const pp_config *cfg);
  * between calls on the same growing frame (line framing resumes its search
  * there); set it to 0 for a new frame.  Raw framing: every byte is message,
  * cut into pieces of at most max_size. */
-int pp__frame_next(const pp_framing *f, const unsigned char *data, size_t len,
-                   size_t *scanned, pp_frame *fr);
+int pp__frame_next_any(const pp_framing *f, const unsigned char *data,
+                       size_t len, size_t *scanned, pp_frame *fr);
+
+/* A worker cuts every message of a task with this, so the common case, a
+ * one-byte delimiter found in one memchr(), is inline; the rest is
+ * pp__frame_next_any(). */
+static inline int pp__frame_next(const pp_framing *f, const unsigned char *data,
+                                 size_t len, size_t *scanned, pp_frame *fr)
+{
+    if (f->kind == PP_FRAMING_LINE && f->delim_len == 1 && *scanned == 0) {
+        const unsigned char *hit = memchr(data, f->delim[0], len);
+        if (hit != NULL && (size_t)(hit - data) <= f->max_size) {
+            fr->msg_off = 0;
+            fr->msg_len = (size_t)(hit - data);
+            fr->frame_len = fr->msg_len + 1;
+            return 1;
+        }
+    }
+    return pp__frame_next_any(f, data, len, scanned, fr);
+}
 
 /* Returns how many bytes at the start of data[0..len) are whole frames,
  * found from the end in one backward search, or -1 when that shortcut does
@@ -55,7 +74,19 @@ static inline size_t pp__frame_prefix_len(const pp_framing *f)
  * prefix_len bytes of prefix were reserved just before it: writes the length
  * header or appends the delimiter.  Returns 0, -EMSGSIZE when body_len does
  * not fit the header, or -ENOMEM. */
-int pp__frame_finish(const pp_framing *f, pp_buf *out, size_t body_len);
+int pp__frame_finish_any(const pp_framing *f, pp_buf *out, size_t body_len);
+
+/* Inline for a delimiter that fits: one per reply. */
+static inline int pp__frame_finish(const pp_framing *f, pp_buf *out,
+                                   size_t body_len)
+{
+    if (f->kind == PP_FRAMING_LINE && out->cap - out->len >= f->delim_len) {
+        memcpy(out->data + out->len, f->delim, f->delim_len);
+        out->len += f->delim_len;
+        return 0;
+    }
+    return pp__frame_finish_any(f, out, body_len);
+}
 
 /* Appends a whole framed reply. */
 int pp__frame_append(const pp_framing *f, pp_buf *out, const void *body,

@@ -66,7 +66,7 @@ nomem:
 
 /* Frames the open reply, or takes it back if a write failed or it does not
  * fit the framing.  Returns 0 or -errno; either way no reply is open after. */
-static int reply_close(reply_impl *ri)
+static inline int reply_close(reply_impl *ri)
 {
     int rc = ri->error ? -ri->error : 0;
     ri->error = 0;
@@ -85,7 +85,15 @@ static int reply_close(reply_impl *ri)
     return rc;
 }
 
-static int maybe_flush(reply_impl *ri);
+static int flush_now(reply_impl *ri);
+
+/* Checked after every message, so the check is inline and the send not. */
+static inline int maybe_flush(reply_impl *ri)
+{
+    if (pp__buf_size(&ri->conn->out) < PP_FLUSH_AT)
+        return 0;
+    return flush_now(ri);
+}
 
 /* After a whole reply from a batch handler: send if enough waits.  A failed
  * send means the peer is gone: the task ends with the error recorded, and
@@ -155,15 +163,13 @@ int pp__conn_flush(pp_conn *c, uint64_t *sent)
     return 0;
 }
 
-/* Sends between messages when enough is waiting.  Returns 0, -errno of a
- * failed send, or -ENOBUFS when what the peer has not taken passes
- * output_limit: a handler whose replies dwarf its input is stopped within
- * the task, not after it. */
-static int maybe_flush(reply_impl *ri)
+/* Sends between messages (maybe_flush() found enough waiting).  Returns 0,
+ * -errno of a failed send, or -ENOBUFS when what the peer has not taken
+ * passes output_limit: a handler whose replies dwarf its input is stopped
+ * within the task, not after it. */
+static int flush_now(reply_impl *ri)
 {
     pp_buf *out = &ri->conn->out;
-    if (pp__buf_size(out) < PP_FLUSH_AT)
-        return 0;
     int rc = pp__conn_flush(ri->conn, &ri->sent);
     if (rc < 0)
         return rc;
