@@ -28,6 +28,7 @@
 #include "core.h"
 
 #define PP_READ_CHUNK PP_SCRATCH     /* bytes one recv() asks for */
+#define PP_DIRECT_ROOM 2048         /* room that takes a read in place */
 #define PP_KEEP_BUF (64 * 1024)     /* buffers above this are freed when empty */
 #define PP_LINGER_MS 2000           /* how long a closing peer may keep sending */
 #define PP_LINGER_POLL_MS 10        /* how often lingering closes are looked at */
@@ -472,14 +473,14 @@ static void conn_read(pp_server *srv, pp_conn *c)
         return;
     }
     while (conn_can_read(srv, c)) {
-        /* A connection whose buffer has room for a whole read gets the
-         * bytes in place (large messages: no copy).  Others read into the
-         * loop's scratch and keep only what came, so a connection with
-         * small messages holds buffers the size of its messages, not of a
-         * read: 10,000 idle connections cost ~1 KiB each, not ~9. */
+        /* A connection whose buffer has room gets the bytes in place (no
+         * copy).  Others read into the loop's scratch and keep only what
+         * came, so a connection with small messages holds buffers the size
+         * of its messages, not of a read: 10,000 idle connections cost
+         * ~1 KiB each, not ~9. */
         unsigned char *dst = srv->scratch;
         size_t room = sizeof srv->scratch;
-        int direct = c->in.cap - c->in.len >= PP_READ_CHUNK;
+        int direct = c->in.cap - c->in.len >= PP_DIRECT_ROOM;
         if (direct) {
             dst = c->in.data + c->in.len;
             room = c->in.cap - c->in.len;
@@ -493,6 +494,13 @@ static void conn_read(pp_server *srv, pp_conn *c)
                 c->flags |= PP_C_BROKEN;
                 return;
             }
+            /* A read of more than a few small messages says the peer is
+             * busy, and will send as much again: room for it now lets the
+             * next read land in place.  Only worth it, and only memory
+             * spent, for such connections.  Without the room, reads go on
+             * through the scratch buffer. */
+            if (!direct && (size_t)n >= PP_DIRECT_ROOM / 4)
+                (void)pp__buf_reserve(&c->in, PP_DIRECT_ROOM);
             c->last_active = srv->now;
             c->flags &= ~PP_C_QUIET;
             pp__stat_add(&srv->stats.bytes_in, (uint64_t)n);
