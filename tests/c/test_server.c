@@ -534,18 +534,32 @@ static void sessions_free(session *ss, size_t n)
     }
 }
 
-static void wait_active(pp_server *srv, uint64_t n)
+/* Waits until the counter at offset off of pp_stats equals n (exact) or
+ * reaches it. */
+static void wait_stat(pp_server *srv, size_t off, const char *name, uint64_t n,
+                      int exact)
 {
     int64_t until = now_ms() + 10000;
     pp_stats st;
     for (;;) {
         pp_server_stats(srv, &st);
-        if (st.active == n)
+        uint64_t v;
+        memcpy(&v, (const char *)&st + off, sizeof v);
+        if (exact ? v == n : v >= n)
             return;
-        CHECKF(now_ms() < until, "active stays %llu, expected %llu",
-               (unsigned long long)st.active, (unsigned long long)n);
+        CHECKF(now_ms() < until, "%s stays %llu, expected %s%llu", name,
+               (unsigned long long)v, exact ? "" : "at least ",
+               (unsigned long long)n);
         sleep_ms(2);
     }
+}
+
+#define WAIT_STAT(srv, field, n, exact) \
+    wait_stat(srv, offsetof(pp_stats, field), #field, n, exact)
+
+static void wait_active(pp_server *srv, uint64_t n)
+{
+    WAIT_STAT(srv, active, n, 1);
 }
 
 /* ---- tests ------------------------------------------------------------- */
@@ -1248,6 +1262,45 @@ static void test_stop_answers_what_came_during_a_task(void)
     pp_server_free(srv);
     free(m);
     bytes_free(&req);
+}
+
+/* While every worker is busy and tasks wait in the queue, the loop still
+ * accepts and reads: it may put off looking at every socket until the queue
+ * is empty, but only for a bounded time, so a handler that never returns
+ * does not stop the rest of the server. */
+static void test_serves_sockets_behind_a_stuck_queue(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, &LINE_LF, NULL);
+    cfg.threads = 1;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    send_str(a, &LINE_LF, "block");
+    wait_entered();                            /* the only worker is stuck */
+    int b = client_connect(port);
+    send_str(b, &LINE_LF, "b");
+    WAIT_STAT(srv, bytes_in, 6 + 2, 0);        /* b's task is queued now */
+    int c = client_connect(port);
+    send_str(c, &LINE_LF, "c");
+    WAIT_STAT(srv, bytes_in, 6 + 2 + 2, 0);    /* read with the queue full */
+    int d = client_connect(port);
+    WAIT_STAT(srv, accepted, 4, 0);
+    sem_post(&H.gate);
+    expect_reply(a, &LINE_LF, "UNBLOCKED");
+    expect_reply(b, &LINE_LF, "B");
+    expect_reply(c, &LINE_LF, "C");
+    send_str(d, &LINE_LF, "d");
+    expect_reply(d, &LINE_LF, "D");
+    close(a);
+    close(b);
+    close(c);
+    close(d);
+    wait_active(srv, 0);
+    pp_stats st;
+    server_down(srv, &st);
+    CHECK_EQ(st.messages, 4);
 }
 
 /* TCP urgent data: a read stops short at the urgent mark, so the bytes after
@@ -2094,6 +2147,7 @@ int main(int argc, char **argv)
     RUN("connection_events", test_connection_events());
     RUN("idle_timers", test_idle_timers());
     RUN("full_server_rejecting_quiet", test_full_server_rejecting_stays_quiet());
+    RUN("sockets_behind_stuck_queue", test_serves_sockets_behind_a_stuck_queue());
     RUN("stop_answers_during_task", test_stop_answers_what_came_during_a_task());
     RUN("urgent_data", test_urgent_data_does_not_stall());
     RUN("drain_deadline_lingering", test_drain_deadline_with_a_lingering_peer());
