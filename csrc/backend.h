@@ -37,7 +37,6 @@ typedef struct pp_watch {
 typedef struct pp_backend {
     const char *name;
     int edge;          /* edge-triggered: each eventfd write is reported */
-    int scans;         /* wait() looks at every watch, ready or not */
     /* Sets up the backend's state in srv. */
     int (*init)(pp_server *srv);
     void (*destroy)(pp_server *srv);

@@ -100,7 +100,6 @@ static int bpoll_wait(pp_server *srv, int timeout)
 
 const pp_backend pp__backend_poll = {
     .name = "poll",
-    .scans = 1,
     .init = bpoll_init,
     .destroy = bpoll_destroy,
     .add = bpoll_add,

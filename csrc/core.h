@@ -138,7 +138,6 @@ struct pp_server {
     int forcing;
     int64_t force_deadline;     /* ms: how long to wait for tasks in flight */
     int64_t linger_check_at;    /* ms: next scan for expired lingering closes */
-    int64_t scanned_at;         /* ms: last wait on every socket */
     pp_iostats stats;
 
     /* Shared between threads. */

@@ -34,7 +34,6 @@
 #define PP_LINGER_POLL_MS 10        /* how often lingering closes are looked at */
 #define PP_ACCEPT_RETRY_MS 100      /* pause after EMFILE/ENFILE/ENOMEM */
 #define PP_FORCE_GRACE_MS 200       /* tasks in flight get this long after force */
-#define PP_SCAN_DEFER_MS 2          /* longest a poll() scan waits for the queue */
 
 #define PP_CONN_OF(link, member) PP_CONTAINER(link, pp_conn, member)
 
@@ -77,19 +76,6 @@ static void drain_wake_fd(pp_server *srv)
     while (read(srv->wake_rd, junk, sizeof junk) > 0 || errno == EINTR)
         ;
 #endif
-}
-
-/* Sleeps on the wake fd alone, up to timeout ms; drains it if it fired.
- * Returns 0 or -errno of poll(). */
-static int wait_wake(pp_server *srv, int timeout)
-{
-    struct pollfd p = {.fd = srv->wake_rd, .events = POLLIN};
-    int n = poll(&p, 1, timeout);
-    if (n < 0)
-        return -errno;
-    if (n > 0 && !srv->bk->edge)
-        drain_wake_fd(srv);
-    return 0;
 }
 
 void pp__loop_complete(pp_server *srv, pp_conn *c)
@@ -930,33 +916,9 @@ int pp__loop_run(pp_server *srv)
         /* Announce the sleep, then look once more: a completion pushed before
          * the announcement is seen here, one pushed after it writes the fd. */
         atomic_store(&srv->io_armed, 1);
-        int woken = atomic_load(&srv->done) != NULL ||
-                    atomic_load(&srv->stop_level) != level;
-        if (woken)
+        if (atomic_load(&srv->done) != NULL ||
+            atomic_load(&srv->stop_level) != level)
             timeout = 0;
-        if ((timeout != 0 || woken) && srv->bk->scans &&
-            pp__pool_queued(&srv->pool) > 0 &&
-            now - srv->scanned_at < PP_SCAN_DEFER_MS) {
-            /* Workers still have queued tasks, so input read now would only
-             * queue behind them: wait for completions on the wake fd alone,
-             * and scan every socket once the queue is empty, when one scan
-             * finds all that came meanwhile (about 4 times fewer scans per
-             * request under load).  Never for more than PP_SCAN_DEFER_MS,
-             * so behind slow handlers accepts, writes and reads still go
-             * on at that pace.  A failed wait falls through to the full
-             * one, which handles its errors. */
-            int left = (int)(srv->scanned_at + PP_SCAN_DEFER_MS - now);
-            if (timeout < 0 || timeout > left)
-                timeout = left;
-            if (woken || wait_wake(srv, timeout) == 0) {
-                atomic_store(&srv->io_armed, 0);
-                srv->now = pp__now_ms();
-                take_completions(srv);
-                continue;
-            }
-            timeout = 0;
-        }
-        srv->scanned_at = now;
         int n = srv->bk->wait(srv, timeout);
         atomic_store(&srv->io_armed, 0);
         srv->now = pp__now_ms(); /* the wait may have slept long */
