@@ -138,6 +138,12 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
              100, 1, 64, handler="sleep1ms", threads=32,
              servers=["pollpool_python", "uvloop_executor", "socketserver", "uvloop", "gevent"],
              placements=["pinned"], uvloop_ref="uvloop_executor", ideal_rps=32000.0),
+    # socketserver runs a thread per connection: the same handler with as
+    # many pool threads, so that the comparison is at equal concurrency.
+    Scenario("blocking_1ms_t100", "Blocking handler (time.sleep 1 ms), 100 connections, "
+             "100 threads", 100, 1, 64, handler="sleep1ms", threads=100,
+             servers=["pollpool_python", "uvloop_executor", "socketserver"],
+             placements=["pinned"], uvloop_ref="uvloop_executor", ideal_rps=100000.0),
     Scenario("sha256_16k", "GIL-releasing handler (sha256 of 16 KiB, hex reply), "
              "50 connections, 2 threads", 50, 1, 16384, handler="sha256", expect="sha256",
              threads=2, servers=["pollpool_python", "uvloop", "uvloop_executor", "socketserver"],
@@ -480,6 +486,12 @@ def targets(summary: Dict[str, dict], runs: List[dict]) -> List[dict]:
         "ideal 32,000/s")
     add("blocking 1 ms, threads=32: req/s ≥ 1.5× socketserver", "blocking_1ms", "pinned",
         "pollpool_python", "socketserver", "rps", ">=", 1.5)
+    add("blocking 1 ms, threads=100 (socketserver's thread count): req/s against "
+        "socketserver", "blocking_1ms_t100", "pinned", "pollpool_python", "socketserver",
+        "rps", None, None, "ideal 100,000/s")
+    add("blocking 1 ms, threads=100: req/s against uvloop run_in_executor(100)",
+        "blocking_1ms_t100", "pinned", "pollpool_python", "uvloop_executor", "rps", None,
+        None)
     add("sha256 16 KiB, threads=2, unpinned: req/s ≥ 1.3× uvloop inline", "sha256_16k",
         "unpinned", "pollpool_python", "uvloop", "rps", ">=", 1.3)
     for sc in ("c50_p1_64", "c50_p16_64"):
