@@ -86,13 +86,19 @@ long pp__frame_whole_prefix(const pp_framing *f, const unsigned char *data,
         return -1;
     size_t dl = f->delim_len;
     unsigned char last = f->delim[dl - 1];
+    /* The usual read ends with a whole message: no search at all. */
+    if (len >= dl && data[len - 1] == last &&
+        (dl == 1 || memcmp(data + len - dl, f->delim, dl) == 0)) {
+        *scanned = 0;
+        return (long)len;
+    }
     size_t end = len;
     while (end >= dl) {
         const unsigned char *hit = memrchr(data + dl - 1, last, end - (dl - 1));
         if (hit == NULL)
             break;
         size_t at = (size_t)(hit - data) + 1; /* one past the delimiter */
-        if (memcmp(data + at - dl, f->delim, dl) == 0) {
+        if (dl == 1 || memcmp(data + at - dl, f->delim, dl) == 0) {
             *scanned = len - at;
             return (long)at;
         }
