@@ -25,6 +25,7 @@ import argparse
 import datetime as _dt
 import importlib.util
 import json
+import math
 import os
 import platform
 import select
@@ -428,9 +429,9 @@ def _get(summary, sc, pl, srv):
     return summary.get(f"{sc}|{pl}|{srv}")
 
 
-def paired_ratio(runs: List[dict], sc: str, pl: str, srv: str, ref: str, field: str,
-                 ref_sc: Optional[str] = None) -> Optional[float]:
-    """Median over repeats of srv's value / ref's value in the same repeat.
+def paired_ratios(runs: List[dict], sc: str, pl: str, srv: str, ref: str, field: str,
+                  ref_sc: Optional[str] = None) -> List[float]:
+    """srv's value / ref's value within each repeat, one ratio per repeat.
 
     The servers of one repeat run back to back, so the machine's speed,
     which on a shared machine drifts between levels some 20% apart over tens
@@ -443,13 +444,49 @@ def paired_ratio(runs: List[dict], sc: str, pl: str, srv: str, ref: str, field: 
                 and not r.get("discarded") and r.get(field) is not None
                 and r.get(field, -1) >= 0 and "repeat" in r}
     a, b = by_repeat(sc, srv), by_repeat(ref_sc or sc, ref)
-    return _med([a[k] / b[k] for k in a if k in b and b[k]])
+    return [a[k] / b[k] for k in sorted(a) if k in b and b[k]]
+
+
+def median_ci(xs: List[float], level: float = 0.9) -> Optional[tuple]:
+    """A confidence interval for the median of the distribution xs came
+    from, assuming only independent repeats: the order statistics
+    (x_(k), x_(n+1-k)) with the largest k whose coverage, from the binomial
+    distribution of how many values fall below the median, is at least
+    `level`.  Returns None for fewer than the repeats any k needs (5 at 90%).
+    """
+    xs = sorted(xs)
+    n = len(xs)
+    best = None
+    below = 0.0  # P(Binomial(n, 1/2) < k)
+    for k in range(1, n // 2 + 1):
+        below += math.comb(n, k - 1) / 2.0 ** n
+        if 1.0 - 2.0 * below < level:
+            break
+        best = (xs[k - 1], xs[n - k])
+    return best
+
+
+def judge(ci: Optional[tuple], median: float, op: str, bound: float) -> str:
+    """met / NOT met when the whole confidence interval is on one side of the
+    bound, "within noise" when it straddles it (or there are too few repeats
+    to tell)."""
+    def ok(x: float) -> bool:
+        return x >= bound if op == ">=" else x <= bound
+    if ci is None:
+        return ("met" if ok(median) else "NOT met") + " (too few repeats to tell from noise)"
+    lo, hi = ci
+    if ok(lo) and ok(hi):
+        return "met"
+    if not ok(lo) and not ok(hi):
+        return "NOT met"
+    return "within noise"
 
 
 def targets(summary: Dict[str, dict], runs: List[dict]) -> List[dict]:
-    """The targets of issue 3, each with its measured ratio and met / not met.
-    The status follows the median of per-repeat ratios (paired_ratio); the
-    ratio of the medians is kept beside it."""
+    """The targets of issues 3 and 6, each with its measured ratio and status.
+    The ratio is the median of per-repeat ratios (paired_ratios); the status
+    follows its 90% confidence interval (judge); the ratio of the medians is
+    kept beside it."""
     t = []
 
     def add(what, sc, pl, srv, ref, field, op, bound, note="", ref_sc=None):
@@ -459,15 +496,14 @@ def targets(summary: Dict[str, dict], runs: List[dict]) -> List[dict]:
                       "status": "not measured", "note": note})
             return
         rm = a[field] / b[field]
-        r = paired_ratio(runs, sc, pl, srv, ref, field, ref_sc)
+        rs = paired_ratios(runs, sc, pl, srv, ref, field, ref_sc)
+        r = _med(rs)
+        ci = median_ci(rs)
         if r is None:
             r = rm
-        if op is None:
-            status = "reported"
-        else:
-            status = "met" if (r >= bound if op == ">=" else r <= bound) else "NOT met"
-        t.append({"target": what, "ratio": r, "ratio_of_medians": rm, "status": status,
-                  "note": note})
+        status = "reported" if op is None else judge(ci, r, op, bound)
+        t.append({"target": what, "ratio": r, "ratio_ci90": list(ci) if ci else None,
+                  "ratios": rs, "ratio_of_medians": rm, "status": status, "note": note})
 
     for sc, lo, hi in (("c50_p1_64", 0.95, 1.15), ("c50_p16_64", 0.9, 1.25)):
         d = "pipeline 1" if "p1_" in sc else "pipeline 16"
@@ -586,13 +622,18 @@ def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: L
             L.append("")
     L += ["## Targets (issues 3 and 6)", "",
           "**ratio**: the median over repeats of the two servers' ratio within one repeat, "
-          "where they ran back to back (the status follows it); **of medians**: the ratio "
-          "of the two medians in the tables above. They differ when the machine's speed "
-          "drifted during the run.", "",
-          "| target | ratio | of medians | status |", "|---|---:|---:|---|"]
+          "where they ran back to back; **90% CI**: a distribution-free confidence interval "
+          "for that median (order statistics of the per-repeat ratios). The status follows "
+          "the interval: *met* or *NOT met* when all of it is on one side of the target, "
+          "*within noise* when it straddles the target. **of medians**: the ratio of the "
+          "two medians in the tables above; it differs when the machine's speed drifted "
+          "during the run.", "",
+          "| target | ratio | 90% CI | of medians | status |", "|---|---:|---:|---:|---|"]
     for t in meta["targets"]:
         note = f" ({t['note']})" if t["note"] else ""
-        L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | "
+        ci = t.get("ratio_ci90")
+        cis = f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "–"
+        L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | {cis} | "
                  f"{_f(t.get('ratio_of_medians'), 2)} | {t['status']} |")
     L.append("")
     nd = sum(v["discarded"] for v in summary.values())
@@ -735,7 +776,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default 3)")
     p.add_argument("--name", help="results file name without extension (default: the date)")
     p.add_argument("--list", action="store_true", help="list scenarios and servers and exit")
+    p.add_argument("--judge", metavar="JSON",
+                   help="print the targets of a saved run (results/<name>.json) as judged "
+                        "by this version of the harness, and exit")
     args = p.parse_args(argv)
+
+    if args.judge:
+        with open(args.judge) as f:
+            saved = json.load(f)
+        for t in targets(saved["summary"], saved["runs"]):
+            ci = t.get("ratio_ci90")
+            print(f"{t['status']:>14}  {_f(t['ratio'], 3):>6}  "
+                  f"CI {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else '–':>11}  "
+                  f"of medians {_f(t['ratio_of_medians'], 3):>6}  {t['target']}")
+        return 0
 
     if args.list:
         for s in SCENARIOS.values():
