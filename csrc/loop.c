@@ -86,9 +86,11 @@ void pp__loop_complete(pp_server *srv, pp_conn *c)
     while (!atomic_compare_exchange_weak(&srv->done, &head, c));
     /* Only the first completion after the I/O thread armed itself writes to
      * the wake fd: completions that find it awake, or already woken, cost
-     * nothing, not even a locked instruction (the load comes first).  Pairs
-     * with the store/load in pp__loop_run: all seq_cst, so either this load
-     * sees the arming or the I/O thread's load sees this completion. */
+     * nothing beyond the push above (the load comes before the exchange).
+     * Pairs with the store/load in pp__loop_run, all seq_cst: either the
+     * I/O thread's load sees this completion, or this load sees the arming,
+     * or it sees 0 written by another worker's exchange, which took the
+     * arming and wrote the fd. */
     if (atomic_load(&srv->io_armed) && atomic_exchange(&srv->io_armed, 0))
         pp__loop_wake(srv);
 }
