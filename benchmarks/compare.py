@@ -482,6 +482,18 @@ def judge(ci: Optional[tuple], median: float, op: str, bound: float) -> str:
     return "within noise"
 
 
+def ci_text(ci: Optional[tuple], nd: int = 3, sep: str = "–") -> str:
+    """The interval rounded outwards to nd places, as intervals are: an end
+    just short of a target (0.94992 against 0.95) must not print as the
+    target itself beside "within noise"."""
+    if not ci:
+        return "–"
+    scale = 10 ** nd
+    lo = math.floor(ci[0] * scale + 1e-9) / scale
+    hi = math.ceil(ci[1] * scale - 1e-9) / scale
+    return f"{lo:.{nd}f}{sep}{hi:.{nd}f}"
+
+
 def targets(summary: Dict[str, dict], runs: List[dict]) -> List[dict]:
     """The targets of issues 3 and 6, each with its measured ratio and status.
     The ratio is the median of per-repeat ratios (paired_ratios); the status
@@ -632,7 +644,7 @@ def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: L
     for t in meta["targets"]:
         note = f" ({t['note']})" if t["note"] else ""
         ci = t.get("ratio_ci90")
-        cis = f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "–"
+        cis = ci_text(ci)
         L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | {cis} | "
                  f"{_f(t.get('ratio_of_medians'), 2)} | {t['status']} |")
     L.append("")
@@ -787,7 +799,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for t in targets(saved["summary"], saved["runs"]):
             ci = t.get("ratio_ci90")
             print(f"{t['status']:>14}  {_f(t['ratio'], 3):>6}  "
-                  f"CI {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else '–':>11}  "
+                  f"CI {ci_text(ci, sep='-'):>11}  "
                   f"of medians {_f(t['ratio_of_medians'], 3):>6}  {t['target']}")
         return 0
 

@@ -99,6 +99,35 @@ def test_judge_without_an_interval_says_so():
     assert compare.judge(None, 0.8, ">=", 1.0).startswith("NOT met (too few repeats")
 
 
+@pytest.mark.parametrize("ci, want", [
+    # An end just short of the bound prints short of it, not as the bound.
+    ((0.9499188, 1.0148189), "0.949–1.015"),
+    ((0.95, 0.99), "0.950–0.990"),                     # exact ends stay put
+    ((1.0197, 1.0614), "1.019–1.062"),
+    (None, "–"),
+])
+def test_interval_text_rounds_outwards(ci, want):
+    assert compare.ci_text(ci) == want
+
+
+def test_interval_text_keeps_the_verdict_visible():
+    """The printed interval holds the exact one and is at most a rounding
+    step wider at each end, so it never reads as a firmer verdict than the
+    exact one: whatever is within noise prints as within noise."""
+    rng = random.Random(7)
+    for _ in range(2000):
+        lo = rng.uniform(0.8, 1.3)
+        ci = (lo, lo + rng.uniform(0.0, 0.2))
+        shown = tuple(float(x) for x in compare.ci_text(ci).split("–"))
+        assert shown[0] <= ci[0] + 1e-12 and shown[1] >= ci[1] - 1e-12
+        assert shown[1] - shown[0] <= ci[1] - ci[0] + 0.002 + 1e-12
+        for op, bound in ((">=", 0.9), (">=", 0.95), (">=", 1.0),
+                          ("<=", 1.0), ("<=", 1.15), ("<=", 1.25)):
+            exact = compare.judge(ci, 1.0, op, bound)
+            if exact == "within noise":
+                assert compare.judge(shown, 1.0, op, bound) == exact
+
+
 def _run(rep, server, rps, **extra):
     return {"scenario": "s", "placement": "pinned", "server": server, "repeat": rep,
             "rps": rps, **extra}
