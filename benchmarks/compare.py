@@ -442,7 +442,7 @@ def paired_ratios(runs: List[dict], sc: str, pl: str, srv: str, ref: str, field:
         return {r["repeat"]: r[field] for r in runs
                 if r["scenario"] == scn and r["placement"] == pl and r["server"] == server
                 and not r.get("discarded") and r.get(field) is not None
-                and r.get(field, -1) >= 0 and "repeat" in r}
+                and r[field] >= 0 and "repeat" in r}
     a, b = by_repeat(sc, srv), by_repeat(ref_sc or sc, ref)
     return [a[k] / b[k] for k in sorted(a) if k in b and b[k]]
 
@@ -643,9 +643,7 @@ def write_markdown(path: str, meta: dict, summary: Dict[str, dict], scenarios: L
           "| target | ratio | 90% CI | of medians | status |", "|---|---:|---:|---:|---|"]
     for t in meta["targets"]:
         note = f" ({t['note']})" if t["note"] else ""
-        ci = t.get("ratio_ci90")
-        cis = ci_text(ci)
-        L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | {cis} | "
+        L.append(f"| {t['target']}{note} | {_f(t['ratio'], 2)} | {ci_text(t.get('ratio_ci90'))} | "
                  f"{_f(t.get('ratio_of_medians'), 2)} | {t['status']} |")
     L.append("")
     nd = sum(v["discarded"] for v in summary.values())
@@ -797,9 +795,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.judge) as f:
             saved = json.load(f)
         for t in targets(saved["summary"], saved["runs"]):
-            ci = t.get("ratio_ci90")
             print(f"{t['status']:>14}  {_f(t['ratio'], 3):>6}  "
-                  f"CI {ci_text(ci, sep='-'):>11}  "
+                  f"CI {ci_text(t.get('ratio_ci90'), sep='-'):>11}  "
                   f"of medians {_f(t['ratio_of_medians'], 3):>6}  {t['target']}")
         return 0
 

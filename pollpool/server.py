@@ -124,10 +124,10 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
     # A connection-aware handler's messages (plain callables go through
     # pp_py_fast_batch).  Runs on a worker thread with the GIL held, once per
     # task: the whole messages of one connection.  Any C call would release
-    # and retake the
-    # GIL, so messages come in with one copy (line frames are contiguous and
-    # split at C speed) and framed replies leave through scratch, copied
-    # with ffi.memmove (which keeps the GIL); pp_py_batch queues them.
+    # and retake the GIL, so messages come in with one copy (line frames are
+    # contiguous and split at C speed) and framed replies leave through
+    # scratch, copied with ffi.memmove (which keeps the GIL); pp_py_batch
+    # queues them.
     # Returns PP_KEEP (0), PP_CLOSE (1) or -1 to close on an error.
     h: _PyHandler = ffi.from_handle(ctx)
     delim = h.delim
