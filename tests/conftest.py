@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -34,10 +35,22 @@ def backend(request, monkeypatch):
 
 
 def pytest_configure(config):
+    # A test run started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and so would every child: a Python started so
+    # keeps it ignored, and the Ctrl+C tests would test the launcher, not
+    # pollpool.  Children inherit a handled signal as the default instead.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        config._pollpool_sigint_ignored = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers",
         "soak: long randomized load tests (POLLPOOL_SOAK_SECONDS, default 30); "
         "run by default and by .ci/run, deselect with -m 'not soak'")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_pollpool_sigint_ignored", False):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 #: Default socket timeout of test clients, in seconds: long enough for a loaded
