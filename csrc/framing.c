@@ -176,6 +176,8 @@ int pp__frame_append(const pp_framing *f, pp_buf *out, const void *body,
 {
     size_t prefix = pp__frame_prefix_len(f);
     size_t mark = out->len;
+    if (len > SIZE_MAX - prefix - f->delim_len)
+        return -ENOMEM;
     int rc = pp__buf_reserve(out, prefix + len + f->delim_len);
     if (rc < 0)
         return rc;

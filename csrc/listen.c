@@ -16,6 +16,8 @@ static int listen_one(const struct addrinfo *ai, int port, int backlog,
                       int reuse_port)
 {
     struct sockaddr_storage ss;
+    if (ai->ai_addrlen > sizeof ss)
+        return -EAFNOSUPPORT;
     memcpy(&ss, ai->ai_addr, ai->ai_addrlen);
     /* With port 0, every address of the host shares the first one's port. */
     if (port) {

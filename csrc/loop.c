@@ -213,12 +213,13 @@ static int reject_one(pp_server *srv, pp_watch *lw)
         }
         return -1;
     }
+    /* Counted first: the client may read the stats as soon as it sees EOF. */
+    pp__stat_add(&srv->stats.rejected, 1);
     /* Best effort: a fresh socket's buffer takes a short message whole. */
     ssize_t n = send(fd, srv->reject_msg, srv->reject_len, MSG_NOSIGNAL | MSG_DONTWAIT);
     (void)n;
     shutdown(fd, SHUT_WR);
     close(fd);
-    pp__stat_add(&srv->stats.rejected, 1);
     return 0;
 }
 
@@ -288,6 +289,10 @@ static void do_accept(pp_server *srv, pp_watch *lw)
         pp__list_append(&srv->conns, &c->all);
         c->id = ++srv->next_id;
         c->last_active = srv->now;
+        /* accept() reports the address's real length, which may be more
+         * than it stored: copy no more than ss holds. */
+        if (sl > sizeof ss)
+            sl = sizeof ss;
         memcpy(&c->peer, &ss, sl);
         c->peer_len = sl;
         srv->nconns++;

@@ -24,7 +24,8 @@ extern "C" {
 
 /* Handler return values.  Any value < 0 is an error: it is counted in the
  * server's stats and the connection is closed after the replies already
- * written for earlier messages are sent. */
+ * written for earlier messages are sent; what the failing call itself wrote
+ * with pp_reply_write() is discarded, never sent. */
 enum {
     PP_KEEP = 0,  /* keep the connection open */
     PP_CLOSE = 1  /* send this reply (if any), then close the connection */

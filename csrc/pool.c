@@ -69,10 +69,20 @@ static pp_task *do_pop(pp_pool *p)
     return t;
 }
 
+/* The pool whose worker this thread is, or NULL: lets code a handler calls
+ * (a stop) know that it must not wait for the pool to finish. */
+static __thread const pp_pool *pp_current_pool;
+
+int pp__pool_on_worker(const pp_pool *p)
+{
+    return p != NULL && pp_current_pool == p;
+}
+
 static void *worker_main(void *arg)
 {
     pp_worker *w = arg;
     pp_pool *p = w->pool;
+    pp_current_pool = p;
     /* A woken worker then does not preempt the thread running on its core:
      * each finishes its batch before the switch (see pp_server_run()). */
     if (pp__sched_batch_wanted()) {

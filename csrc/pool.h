@@ -93,6 +93,9 @@ int pp__pool_stop(pp_pool *p, int abandon, int timeout_ms);
  * which must destroy the pool and free its memory with the rest. */
 int pp__pool_release(pp_pool *p);
 
+/* Nonzero when the calling thread is one of p's workers.  Any thread. */
+int pp__pool_on_worker(const pp_pool *p);
+
 /* Frees what pp__pool_init() allocated; only once no worker can run. */
 void pp__pool_destroy(pp_pool *p);
 

@@ -140,6 +140,11 @@ int pp_server_join(pp_server *srv);
  * from any thread and from a signal handler; returns at once. */
 void pp_server_stop(pp_server *srv, int force);
 
+/* Nonzero when the calling thread is one of srv's worker threads, i.e. a
+ * handler or hook of srv is calling: such a caller must never wait for the
+ * server (it would wait for its own task).  Any thread. */
+int pp_server_on_worker(const pp_server *srv);
+
 /* Nonzero once the loop has returned. */
 int pp_server_done(const pp_server *srv);
 
@@ -153,7 +158,8 @@ void pp_server_stats(const pp_server *srv, pp_stats *out);
  * RLIMIT_NOFILE towards the hard one (as Redis and nginx do at start). */
 long pp_server_fd_limit(const pp_server *srv);
 
-/* Frees the server once its loop has returned (or was never run).  Workers
+/* Frees the server once its loop has returned (or was never run: workers
+ * started by pp_server_start_workers() are then stopped first).  Workers
  * still stuck in a handler after a forced stop are left to finish; the last of
  * them frees what they use.  Must not be called while the loop runs. */
 void pp_server_free(pp_server *srv);

@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
@@ -40,7 +41,10 @@ static int reply_write(pp_reply *r, const void *data, size_t len)
     }
     if (!ri->open) {
         size_t prefix = pp__frame_prefix_len(f);
-        if (pp__buf_reserve(out, prefix + len + f->delim_len) < 0)
+        /* The whole frame is reserved at once: header, body and delimiter,
+         * with a length so large that the sum would wrap refused first. */
+        if (len > SIZE_MAX - prefix - f->delim_len ||
+            pp__buf_reserve(out, prefix + len + f->delim_len) < 0)
             goto nomem;
         out->len += prefix;
         ri->mark = pp__buf_size(out);
@@ -64,9 +68,12 @@ nomem:
     return -1;
 }
 
-/* Frames the open reply, or takes it back if a write failed or it does not
- * fit the framing.  Returns 0 or -errno; either way no reply is open after. */
-static inline int reply_close(reply_impl *ri)
+/* Ends the open reply once the handler has returned st: frames it, or takes
+ * it back if a write failed, it does not fit the framing, or the handler
+ * failed (st < 0: pollpool.h promises that only the replies for earlier
+ * messages are sent, so what it wrote before failing never leaves).
+ * Returns 0 or -errno of a failed write; either way no reply is open after. */
+static inline int reply_close(reply_impl *ri, int st)
 {
     int rc = ri->error ? -ri->error : 0;
     ri->error = 0;
@@ -76,9 +83,9 @@ static inline int reply_close(reply_impl *ri)
     const pp_framing *f = &ri->srv->framing;
     pp_buf *out = &ri->conn->out;
     size_t body = pp__buf_size(out) - ri->mark;
-    if (rc == 0)
+    if (rc == 0 && st >= 0)
         rc = pp__frame_finish(f, out, body);
-    if (rc < 0)
+    if (rc < 0 || st < 0)
         out->len -= body + pp__frame_prefix_len(f); /* no half reply goes out */
     else
         ri->replies++;
@@ -118,7 +125,7 @@ int pp_reply_send(pp_reply *r, const void *data, size_t len)
 {
     reply_impl *ri = r->impl;
     reply_write(r, data, len);
-    int rc = reply_close(ri);
+    int rc = reply_close(ri, PP_KEEP);
     if (rc < 0) {
         errno = -rc;
         return -1;
@@ -191,7 +198,7 @@ static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
         int st = srv->cfg.handler(srv->cfg.ctx, p + pos + fr.msg_off, fr.msg_len, r);
         pos += fr.frame_len;
         ++*nmsg;
-        int rc = reply_close(ri);
+        int rc = reply_close(ri, st);
         if (rc < 0 && st >= 0)
             st = rc;
         if (st != PP_KEEP)
@@ -275,7 +282,7 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     if (c->event == PP_EV_OPEN) {
         if (srv->cfg.on_open) {
             st = srv->cfg.on_open(srv->cfg.ctx, &r);
-            int rc = reply_close(&ri);
+            int rc = reply_close(&ri, st);
             if (rc < 0 && st >= 0)
                 st = rc;
             st = st > 0 ? PP_CLOSE : st;

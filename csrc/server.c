@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -18,6 +19,9 @@
 #endif
 
 #include "core.h"
+
+/* Input a connection may hold beyond one largest frame: pipelined messages. */
+#define PP_IN_SLACK (64 * 1024)
 
 void pp_config_init(pp_config *cfg)
 {
@@ -180,8 +184,12 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     srv->cfg.reject_message = NULL;
     if ((rc = pp__framing_init(&srv->framing, cfg)) < 0)
         goto fail;
-    /* Room for one largest frame plus its framing, and some pipelining. */
-    srv->in_limit = srv->framing.max_size + 16 + 64 * 1024;
+    /* Room for one largest frame plus its framing, and some pipelining;
+     * saturated, so that a max_size near SIZE_MAX means "no limit" rather
+     * than wrapping to a limit below the frames it allows. */
+    srv->in_limit = srv->framing.max_size > SIZE_MAX - (PP_IN_SLACK + PP_MAX_DELIMITER)
+                        ? SIZE_MAX
+                        : srv->framing.max_size + PP_MAX_DELIMITER + PP_IN_SLACK;
     if (cfg->shutdown_message != NULL) {
         srv->shutdown_msg = malloc(cfg->shutdown_message_len ? cfg->shutdown_message_len : 1);
         if (srv->shutdown_msg == NULL) {
@@ -346,6 +354,11 @@ void pp_server_stop(pp_server *srv, int force)
     pp__loop_wake(srv);
 }
 
+int pp_server_on_worker(const pp_server *srv)
+{
+    return pp__pool_on_worker(&srv->pool);
+}
+
 int pp_server_done(const pp_server *srv)
 {
     return atomic_load(&srv->finished);
@@ -422,6 +435,11 @@ void pp_server_free(pp_server *srv)
     }
     if (atomic_load(&srv->running) && !atomic_load(&srv->finished))
         abort(); /* freeing a server whose loop runs on another thread */
+    /* Workers started for a loop that never ran (its caller was interrupted
+     * between the two) wait for tasks that cannot come: stop them, or they
+     * would hold the server, and its listening socket, forever. */
+    if (!atomic_load(&srv->running))
+        pp__pool_stop(&srv->pool, 0, -1);
     if (pp__pool_release(&srv->pool))
         pp__server_destroy(srv);
 }

@@ -170,6 +170,11 @@ static int upper_handler(void *ctx, const unsigned char *msg, size_t len,
     }
     if (is(msg, len, "silent"))
         return PP_KEEP;
+    if (is(msg, len, "partialfail")) {
+        /* Half a reply, then an error: none of it may leave. */
+        CHECK_EQ(pp_reply_write(reply, "BALANCE=", 8), 0);
+        return -5;
+    }
     if (is(msg, len, "id")) {
         char s[32];
         int n = snprintf(s, sizeof s, "%llu", (unsigned long long)pp_reply_conn_id(reply));
@@ -1950,6 +1955,151 @@ static void *ev_client(void *arg)
     return NULL;
 }
 
+/* pollpool.h: an error sends only the replies for earlier messages.  A
+ * handler that wrote part of a reply and then failed has none of it sent,
+ * framed or counted; the same holds for an open hook that greets and fails. */
+static int partial_open_fail(void *ctx, pp_reply *reply)
+{
+    (void)ctx;
+    CHECK_EQ(pp_reply_write(reply, "HELLO", 5), 0);
+    return -1;
+}
+
+static atomic_int partial_closes;
+
+static void partial_close(void *ctx, uint64_t conn_id)
+{
+    (void)ctx;
+    (void)conn_id;
+    atomic_fetch_add(&partial_closes, 1);
+}
+
+static void test_failed_handler_sends_no_partial_reply(const wire *w)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, w, NULL);
+    cfg.threads = 2;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    bytes req = {0};
+    frame_put(&req, w, "one", 3);
+    frame_put(&req, w, "partialfail", 11);
+    frame_put(&req, w, "after", 5);
+    send_all(a, req.p, req.n);
+    bytes_free(&req);
+    expect_reply(a, w, "ONE");
+    expect_eof(a); /* "BALANCE=" would arrive before the EOF */
+    close(a);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.handler_errors, 1);
+    CHECK_EQ(st.messages, 2);
+    CHECK_EQ(st.replies, 1);
+    CHECK_EQ(st.bytes_out, w->framing == PP_FRAMING_LENGTH ? 4 + 3 : 3 + w->delim_len);
+
+    config_upper(&cfg, w, NULL);
+    cfg.on_open = partial_open_fail;
+    cfg.on_close = partial_close;
+    srv = server_up(&cfg, &port);
+    a = client_connect(port);
+    expect_eof(a); /* not "HELLO" */
+    close(a);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.handler_errors, 1);
+    CHECK_EQ(st.replies, 0);
+    CHECK_EQ(st.bytes_out, 0);
+    CHECK_EQ(atomic_load(&partial_closes), 1);
+}
+
+/* max_message_size near SIZE_MAX: the input limit saturates instead of
+ * wrapping to a few KiB, which stalled a 100,000-byte frame forever. */
+static void test_huge_max_size_does_not_wrap(void)
+{
+    alarm(60);
+    wire w = {PP_FRAMING_LENGTH, NULL, 0, 8};
+    pp_config cfg;
+    config_for(&cfg, &w);
+    cfg.max_message_size = SIZE_MAX;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    size_t n = 100000;
+    char *msg = malloc(n + 1);
+    CHECK(msg);
+    for (size_t i = 0; i < n; i++)
+        msg[i] = (char)('a' + i % 26);
+    msg[n] = 0;
+    send_str(a, &w, msg);
+    expect_reply(a, &w, msg);
+    free(msg);
+    close(a);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.messages, 1);
+    CHECK_EQ(st.oversize_frames, 0);
+}
+
+/* Workers started for a loop that never runs (a caller interrupted between
+ * the two) are stopped by pp_server_free(), which also closes the listener:
+ * nothing is left waiting and the port refuses connections. */
+static void test_free_without_run(void)
+{
+    alarm(30);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    pp_server *srv = NULL;
+    CHECK_EQ(pp_server_new(&cfg, &srv), 0);
+    char host[64];
+    int port;
+    CHECK_EQ(pp_server_address(srv, host, sizeof host, &port), 0);
+    CHECK_EQ(pp_server_start_workers(srv), 0);
+    CHECK(!pp_server_on_worker(srv));
+    pp_server_free(srv);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno == ECONNREFUSED);
+    close(fd);
+}
+
+/* pp_server_on_worker() is true on the server's own workers only. */
+static pp_server *on_worker_srv;
+
+static int on_worker_handler(void *ctx, const unsigned char *msg, size_t len,
+                             pp_reply *reply)
+{
+    (void)ctx;
+    (void)msg;
+    (void)len;
+    return pp_reply_write(reply, pp_server_on_worker(on_worker_srv) ? "1" : "0", 1);
+}
+
+static void test_on_worker(void)
+{
+    alarm(30);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.handler = on_worker_handler;
+    int port;
+    on_worker_srv = server_up(&cfg, &port);
+    CHECK(!pp_server_on_worker(on_worker_srv));
+    int a = client_connect(port);
+    send_str(a, &LINE_LF, "x");
+    expect_reply(a, &LINE_LF, "1");
+    close(a);
+    pp_stats st;
+    wait_active(on_worker_srv, 0);
+    server_down(on_worker_srv, &st);
+}
+
 static void test_connection_events(void)
 {
     alarm(120);
@@ -2126,6 +2276,11 @@ int main(int argc, char **argv)
     RUN("handler_close_line", test_handler_close_and_errors(&LINE_LF));
     RUN("handler_close_crlf", test_handler_close_and_errors(&LINE_CRLF));
     RUN("handler_close_length", test_handler_close_and_errors(&LENGTH4));
+    RUN("failed_partial_line", test_failed_handler_sends_no_partial_reply(&LINE_CRLF));
+    RUN("failed_partial_length", test_failed_handler_sends_no_partial_reply(&LENGTH4));
+    RUN("huge_max_size", test_huge_max_size_does_not_wrap());
+    RUN("free_without_run", test_free_without_run());
+    RUN("on_worker", test_on_worker());
     RUN("oversize_line", test_oversize_line());
     RUN("oversize_header4", test_oversize_length_header(4));
     RUN("oversize_header8", test_oversize_length_header(8));
