@@ -96,6 +96,7 @@ int pp_server_start_workers(pp_server *srv);
 int pp_server_run(pp_server *srv);
 void pp_server_stop(pp_server *srv, int force);
 int pp_server_was_forced(const pp_server *srv);
+int pp_server_on_worker(const pp_server *srv);
 long pp_server_fd_limit(const pp_server *srv);
 int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
 void pp_server_stats(const pp_server *srv, pp_stats *out);
@@ -152,10 +153,14 @@ static void _pp_py_close(void *ctx, uint64_t conn_id);
 /* Replies that fit go through this buffer on the worker's stack. */
 #define PP_PY_SCRATCH 16384
 
-/* Queues what Python left in scratch: res[0] bytes holding res[1] replies. */
+/* Queues what Python left in scratch: res[0] bytes holding res[1] replies.
+ * Python stages only what fits (server.py's _stage); more would already have
+ * overrun the stack, so it is a bug to stop at once, not to carry on. */
 static int flush_scratch(pp_reply *reply, const char *scratch, const size_t *res,
                          int status)
 {
+    if (res[0] > PP_PY_SCRATCH)
+        abort();
     if (res[0] > 0 && pp_reply_send_framed(reply, scratch, res[0], res[1]) < 0)
         return -1;
     return status;

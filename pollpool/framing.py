@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Union
 
 DEFAULT_MAX_SIZE = 1 << 20
+#: The largest max_size the core takes: its size_t (SIZE_MAX), meaning "no
+#: limit but memory".
+MAX_SIZE_LIMIT = 2 * sys.maxsize + 1
 
 
 def _check_max_size(max_size: int) -> None:
     if isinstance(max_size, bool) or not isinstance(max_size, int):
         raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
-    if max_size < 1:
-        raise ValueError(f"max_size must be at least 1, got {max_size}")
+    if not 1 <= max_size <= MAX_SIZE_LIMIT:
+        raise ValueError(f"max_size must be between 1 and {MAX_SIZE_LIMIT}, got {max_size}")
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,44 @@ def _pending(results: list) -> int:
         return sum(len(r) for r in results if isinstance(r, (bytes, bytearray, memoryview)))
 
 
+def _queue(reply: Any, data: Any, size: int, count: int, conn_id: int) -> bool:
+    """Queues size bytes of framed replies in C (the GIL is let go).  Returns
+    False if the connection's output limit was passed or memory ran out."""
+    if lib.pp_reply_send_framed(reply, data, size, count) >= 0:
+        return True
+    if ffi.errno == errno.ENOBUFS:
+        log.warning("connection %d passed its output limit; closing it", conn_id)
+    else:
+        log.error("out of memory queueing replies on connection %d; closing it", conn_id)
+    return False
+
+
+def _stage(data: bytes, count: int, reply: Any, conn_id: int, scratch: Any, cap: int,
+           res: Any, direct: bool = False) -> bool:
+    """The one way framed replies leave Python: ``data`` (``count`` whole
+    replies) is copied into the worker's ``cap``-byte scratch buffer when all
+    of it fits (res = [bytes, replies]; pp_py_batch queues it once the GIL is
+    let go), else, or if ``direct``, queued in C at once, after anything
+    staged before it.  Returns False if the connection's output limit was
+    passed."""
+    size = len(data)
+    if size == 0:
+        return True
+    if size <= cap and not direct and not res[0]:
+        ffi.memmove(scratch, data, size)
+        res[0] = size
+        res[1] = count
+        return True
+    if res[0]:
+        staged, res[0] = res[0], 0
+        if not _queue(reply, scratch, staged, res[1], conn_id):
+            return False
+    return _queue(reply, data, size, count, conn_id)
+
+
 def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
           cap: int, res: Any, direct: bool = False) -> bool:
-    """Frames results into scratch (res = [bytes, replies]) or, if they do
-    not fit (or direct), queues them in C at once.  Returns False if a
+    """Frames results and stages them (see _stage).  Returns False if a
     result was bad or the connection's output limit was passed."""
     delim = h.delim
     data = None
@@ -101,21 +135,7 @@ def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
             pass
     if data is None:
         data, count, ok = _frame_checked(h, results, conn_id)
-    size = len(data)
-    if size > cap or direct:
-        # Too big for the stack buffer: queue it directly (the GIL is let go).
-        if size and lib.pp_reply_send_framed(reply, data, size, count) < 0:
-            if ffi.errno == errno.ENOBUFS:
-                log.warning("connection %d passed its output limit; closing it", conn_id)
-            else:
-                log.error("out of memory queueing replies on connection %d; closing it",
-                          conn_id)
-            return False
-    elif size:
-        ffi.memmove(scratch, data, size)
-        res[0] = size
-        res[1] = count
-    return ok
+    return _stage(data, count, reply, conn_id, scratch, cap, res, direct) and ok
 
 
 @ffi.def_extern(error=-1, onerror=_batch_failed)
@@ -144,11 +164,9 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
         except Exception:
             log.exception("handler %s failed on connection %d; closing it", h.name, conn_id)
             return -1
-        if type(out) is bytes and len(out) < cap:
-            data = out + delim
-            ffi.memmove(scratch, data, len(data))
-            res[0] = len(data)
-            res[1] = 1
+        if type(out) is bytes:
+            if not _stage(out + delim, 1, reply, conn_id, scratch, cap, res):
+                return -1
             return 1 if conn.closing else 0
         results = [out]
         messages = None
