@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import logging
 import sys
 from typing import Any, List, Optional
@@ -124,8 +125,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.info("fd limit %d: at most about %d connections",
                      server.fd_limit, server.fd_limit - 16)
 
-    stats = server.serve_forever(on_ready=ready)
-    print("pollpool stopped: " + json.dumps(stats), flush=True)
+    try:
+        stats = server.serve_forever(on_ready=ready)
+        print("pollpool stopped: " + json.dumps(stats), flush=True)
+    except BrokenPipeError:
+        # Our stdout is a closed pipe (python -m pollpool | head): the
+        # server has stopped.  Point stdout at /dev/null so that the
+        # interpreter's last flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        print("pollpool: stdout was closed; stopped", file=sys.stderr)
+        return 1
     return 130 if server.forced else 0
 
 

@@ -31,6 +31,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ._core import lib
@@ -135,7 +136,7 @@ class ProcessGroup:
         self._signals = 0                        # bumped by signal handlers
         self._forced = False
         self._thread: Optional[threading.Thread] = None
-        self._supervised = False                 # a thread runs _supervise
+        self._supervising = False                # a thread is in _supervise
         self._started = threading.Event()
         self._start_error: Optional[BaseException] = None
         self._done = threading.Event()
@@ -158,8 +159,8 @@ class ProcessGroup:
         thread must outlive them.  In the background that is a thread of our
         own; in the foreground the caller, who then calls serve()."""
         self.listen()
-        self._supervised = True
         if not background:
+            # Supervised once serve() runs; until then stop() reaps itself.
             self._start_all()
             return
         self._thread = threading.Thread(target=self._background, name="pollpool-supervisor",
@@ -173,6 +174,8 @@ class ProcessGroup:
     def _start_all(self) -> None:
         try:
             for slot in range(self.n):
+                if self._stop_level:  # stopped while starting: start no more
+                    break
                 self._start_child(slot)
         except BaseException:
             self.request_stop()
@@ -225,8 +228,9 @@ class ProcessGroup:
 
     def stop(self, timeout: Optional[float] = None) -> None:
         self.request_stop()
-        if not self._supervised:
-            # Nobody supervises (never started): reap here.
+        if self._thread is None and not self._supervising:
+            # Nobody supervises (never started, or serve() not or no longer
+            # running): reap here.
             self._reap_all(timeout)
             self._finish()
             return
@@ -244,6 +248,11 @@ class ProcessGroup:
                 deadline = None
             self._reap()
             time.sleep(_TICK)
+
+    @property
+    def background(self) -> bool:
+        """True if a thread of this group supervises (start(background=True))."""
+        return self._thread is not None
 
     @property
     def forced(self) -> bool:
@@ -275,6 +284,7 @@ class ProcessGroup:
     # -- supervision -----------------------------------------------------
 
     def _supervise(self) -> None:
+        self._supervising = True
         try:
             seen = 0
             while True:
@@ -301,6 +311,7 @@ class ProcessGroup:
                             self._schedule(slot)
                 time.sleep(_TICK)
         finally:
+            self._supervising = False
             self._finish()
 
     def _finish(self) -> None:
@@ -451,7 +462,7 @@ class ProcessGroup:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            pid = os.fork()
+            pid = _fork()
         except OSError:
             parent_end.close()
             child_end.close()
@@ -473,6 +484,21 @@ class ProcessGroup:
                 os._exit(code)
         child_end.close()
         return _Child(slot, pid, parent_end)
+
+
+def _fork() -> int:
+    """os.fork(), without the "multi-threaded fork" DeprecationWarning of
+    Python 3.12+, which is about a child that goes on using what other
+    threads of the parent held at the fork.  A server process does not:
+    it closes what it inherited, builds its own server and threads, and uses
+    only what CPython re-initialises in a child (the GIL, the import lock,
+    logging's locks).  The parent runs no I/O thread or worker of its own.
+    What stays the user's is the handler: locks it shares with other threads
+    of the parent (see the README, "Many connections, many cores")."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*multi-threaded, use of fork\(\)",
+                                category=DeprecationWarning)
+        return os.fork()
 
 
 def _describe(code: int) -> str:

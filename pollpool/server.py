@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import functools
 import logging
 import os
+import signal
 import threading
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._core import ffi, lib
 from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
@@ -32,6 +34,54 @@ STAT_FIELDS = (
 # Python handler, so what the handle points to must live as long as the process.
 _ORPHANS: list = []
 _RUNNING: "weakref.WeakSet[Server]" = weakref.WeakSet()
+# The server whose C handlers (pp_signals_install) own SIGINT/SIGTERM now.
+_C_SIGNALS: "weakref.WeakSet[Server]" = weakref.WeakSet()
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _uninterrupted(take_over: bool = False) -> Iterator[None]:
+    """Holds SIGINT and SIGTERM back for a change of a Server's state, so that
+    a Ctrl+C cannot leave it half made (bound but marked new, running with no
+    loop): their Python handlers are swapped for one that notes the signal,
+    and the signals noted are delivered to the old handlers afterwards.
+
+    Only the main thread gets KeyboardInterrupt, so elsewhere this does
+    nothing; nor while the core's C handlers own the signals (a stop then
+    drains, it raises nothing), unless ``take_over`` says the caller is
+    about to put them back."""
+    if threading.current_thread() is not threading.main_thread() or \
+            (_C_SIGNALS and not take_over):
+        yield
+        return
+    held: List[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    saved: Dict[int, Any] = {}
+    try:
+        for sig in _STOP_SIGNALS:
+            old = signal.getsignal(sig)
+            if old is None:  # not installed from Python: leave it alone
+                continue
+            signal.signal(sig, hold)
+            saved[sig] = old
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+        for sig in held:
+            _redeliver(sig, saved[sig])
+
+
+def _redeliver(sig: int, handler: Any) -> None:
+    if handler is signal.SIG_IGN:
+        return
+    if handler is signal.SIG_DFL:
+        os.kill(os.getpid(), sig)  # the default action: the process ends
+        return
+    handler(sig, None)  # default_int_handler raises KeyboardInterrupt
 
 
 class _PyHandler:
@@ -435,6 +485,7 @@ class Server:
         self._state = "new"            # new -> running -> stopped
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._serving = 0              # ident of the thread in serve_forever
         self._last_stats: Dict[str, int] = dict.fromkeys(STAT_FIELDS, 0)
         self._address: Optional[Tuple[str, int]] = None
         self._forced = False
@@ -446,12 +497,25 @@ class Server:
         """Binds and listens now, without serving yet, and returns the address.
         :meth:`serve_forever` and :meth:`start` call it when needed.  Raises
         OSError with the real errno (EADDRINUSE, EACCES, ...) on failure."""
+        with _uninterrupted():
+            return self._listen()
+
+    def _listen(self) -> Tuple[str, int]:
         with self._lock:
             if self._state == "listening":
                 return self.address
             if self._state != "new":
                 raise RuntimeError("this server has already been started; create a new one")
             self._state = "binding"
+        try:
+            return self._bind()
+        except BaseException:
+            with self._lock:
+                if self._state == "binding":
+                    self._state = "new"
+            raise
+
+    def _bind(self) -> Tuple[str, int]:
         if self.processes > 1:
             from .processes import ProcessGroup
             group = ProcessGroup(self)
@@ -549,7 +613,10 @@ class Server:
         return self.address
 
     def _begin(self) -> None:
-        self.listen()
+        """listen() if needed, then running: the worker threads are started.
+        Call with signals held (_uninterrupted); on failure the server is
+        left as it was or stopped, never half started."""
+        self._listen()
         with self._lock:
             if self._state != "listening":
                 raise RuntimeError("this server has already been started; create a new one")
@@ -561,41 +628,47 @@ class Server:
             self._finish()
             raise OSError(-rc, f"cannot start worker threads: {os.strerror(-rc)}")
 
-    def _run(self, signals: bool = False) -> None:
-        """Runs the loop on this thread, then frees the core."""
+    def _run(self) -> None:
+        """The background thread: runs the loop, then frees the core."""
         try:
-            rc = lib.pp_server_run(self._srv)
-            if rc < 0:
-                self._result = OSError(-rc, f"server loop failed: {os.strerror(-rc)}")
-                log.error("server loop failed: %s", os.strerror(-rc))
+            self._loop()
         finally:
-            # The signal handlers point at the core: put the old ones back
-            # before the core is freed.
-            if signals:
-                lib.pp_signals_restore()
             self._finish()
 
+    def _loop(self) -> None:
+        rc = lib.pp_server_run(self._srv)
+        if rc < 0:
+            self._result = OSError(-rc, f"server loop failed: {os.strerror(-rc)}")
+            log.error("server loop failed: %s", os.strerror(-rc))
+
     def _finish(self) -> None:
+        """Frees the core, from any state it may be in (the loop returned, or
+        never ran); the server is stopped after.  Idempotent."""
         with self._lock:
             srv, self._srv = self._srv, None
-            self._last_stats = self._read_stats(srv)
-            self._forced = bool(lib.pp_server_was_forced(srv))
-            if self._forced and self._handle is not None:
-                _ORPHANS.append(self._handle)
-            lib.pp_server_free(srv)
+            if srv is not None:
+                self._last_stats = self._read_stats(srv)
+                self._forced = bool(lib.pp_server_was_forced(srv))
+                if self._forced and self._handle is not None:
+                    _ORPHANS.append(self._handle)
+                lib.pp_server_free(srv)
             self._state = "stopped"
         _RUNNING.discard(self)
         self._done.set()
 
     def _group_begin(self, background: bool) -> None:
+        _RUNNING.add(self)
         try:
             self._group.start(background)
         except BaseException:
-            self._group_finish()
+            self._group_end()
             raise
-        _RUNNING.add(self)
 
-    def _group_finish(self) -> None:
+    def _group_end(self) -> None:
+        """Stops the children, whatever was started of them, and waits for
+        them (within the drain timeout); then the server is stopped."""
+        if not self._group.done:
+            self._group.stop(self.drain_timeout)
         with self._lock:
             self._last_stats = self._group.stats()
             self._forced = self._group.forced
@@ -606,82 +679,140 @@ class Server:
     def start(self) -> "Server":
         """Binds, starts the loop on a background thread, and returns once
         listening.  Raises OSError (with the real errno) if binding fails."""
-        self._begin()
-        if self._group is not None:
-            self._group_begin(background=True)
-            return self
-        self._thread = threading.Thread(target=self._run, name="pollpool-io", daemon=True)
-        self._thread.start()
+        with _uninterrupted():
+            # Nothing here can be cut short by Ctrl+C: either a thread (or
+            # the supervisor) owns the running server, or it is stopped.
+            self._begin()
+            if self._group is not None:
+                self._group_begin(background=True)
+                return self
+            thread = threading.Thread(target=self._run, name="pollpool-io", daemon=True)
+            try:
+                thread.start()
+            except BaseException:
+                self._finish()
+                raise
+            self._thread = thread
         return self
 
     def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> Dict[str, int]:
         """Serves on the calling thread until stopped; returns the final stats.
         ``on_ready`` is called once connections are accepted (with
-        processes > 1: once every process listens).
+        processes > 1: once every process listens); if it raises, the
+        server stops and the exception propagates.
 
         On the main thread, SIGINT and SIGTERM are taken over for the
         duration: the first drains gracefully, the second stops at once.
         The previous handlers are restored afterwards.
         """
-        self._begin()
-        if self._group is not None:
+        if self.processes > 1:
+            return self._serve_group(on_ready)
+        signals = threading.current_thread() is threading.main_thread()
+        try:
+            with _uninterrupted():
+                self._begin()
+                # From here this thread runs the loop or, failing that,
+                # finishes the server in the finally below.
+                self._serving = threading.get_ident()
+            if signals:
+                _C_SIGNALS.add(self)
+                rc = lib.pp_signals_install(self._srv)
+                if rc < 0:
+                    _C_SIGNALS.discard(self)
+                    raise RuntimeError("another server already owns SIGINT/SIGTERM")
+            if on_ready is not None:
+                on_ready()  # the backlog takes connections from listen() on
+            self._loop()
+        finally:
+            # Taken over from the core's handlers, so that no Ctrl+C cuts
+            # the clean-up short: the old handlers go back, then the core
+            # (whose handlers point at it) is freed.
+            with _uninterrupted(take_over=self in _C_SIGNALS):
+                if self in _C_SIGNALS:
+                    lib.pp_signals_restore()
+                    _C_SIGNALS.discard(self)
+                if self._serving:
+                    self._serving = 0
+                    self._finish()
+        if self._result is not None:
+            raise self._result
+        return dict(self._last_stats)
+
+    def _serve_group(self, on_ready: Optional[Callable[[], None]]) -> Dict[str, int]:
+        try:
+            with _uninterrupted():
+                self._begin()
+                self._serving = threading.get_ident()
             self._group_begin(background=False)
             if on_ready is not None:
                 on_ready()
-            try:
-                self._group.serve()
-            finally:
-                self._group_finish()
-            return dict(self._last_stats)
-        signals = threading.current_thread() is threading.main_thread()
-        if signals:
-            rc = lib.pp_signals_install(self._srv)
-            if rc < 0:
-                self._finish()
-                raise RuntimeError("another server already owns SIGINT/SIGTERM")
-        if on_ready is not None:
-            on_ready()  # the backlog takes connections from listen() on
-        self._run(signals)
-        if self._result is not None:
-            raise self._result
+            self._group.serve()
+        finally:
+            with _uninterrupted():
+                if self._serving:
+                    self._serving = 0
+                    self._group_end()
         return dict(self._last_stats)
 
     def stop(self, timeout: Optional[float] = None) -> Dict[str, int]:
         """Stops gracefully: no new connections, every message already read is
         answered, the shutdown message is sent, connections are closed.  After
         ``timeout`` seconds (default: the drain timeout) the rest is cut.
-        Returns the final stats.  Any thread; idempotent."""
-        if self._group is not None:
-            if self._state in ("new", "listening"):
-                self._group.stop()
-                self._group_finish()
-                return dict(self._last_stats)
-            self._group.stop(timeout)
-            if not self._done.is_set() and self._group.done:
-                self._group_finish()  # background supervisor: finish here
-            self._done.wait()
-            return dict(self._last_stats)
-        with self._lock:
-            if self._state == "new":
-                self._state = "stopped"
-                self._done.set()
-            elif self._state == "listening":
-                # Bound but never served: nothing to drain.
-                srv, self._srv = self._srv, None
-                lib.pp_server_free(srv)
-                self._state = "stopped"
-                _RUNNING.discard(self)
-                self._done.set()
-            if self._srv is not None:
-                lib.pp_server_stop(self._srv, 0)
-        if timeout is not None and not self._done.wait(timeout):
+        Returns the final stats.  Any thread; idempotent.
+
+        Called from one of this server's handlers (or hooks), or from
+        ``on_ready``, it starts the shutdown and returns at once with the
+        stats so far: it cannot wait for the task it runs in."""
+        with _uninterrupted():
+            waiting = self._request_stop()
+        if not waiting:
+            return self.stats()
+        group = self._group
+        if group is not None:
+            group.stop(timeout)  # the children are gone after this
+            if group.background and not self._done.is_set():
+                with _uninterrupted():
+                    self._group_end()
+        elif timeout is not None and not self._done.wait(timeout):
             with self._lock:
                 if self._srv is not None:
                     lib.pp_server_stop(self._srv, 1)
         self._done.wait()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         return dict(self._last_stats)
+
+    def _request_stop(self) -> bool:
+        """Starts the stop.  True if the caller is to wait for its end; False
+        if it is over, or if the caller is what the end waits for."""
+        with self._lock:
+            state, srv, group = self._state, self._srv, self._group
+            if state in ("stopped", "binding"):
+                return False
+            if srv is not None and state == "running":
+                lib.pp_server_stop(srv, 0)
+                if lib.pp_server_on_worker(srv):
+                    return False  # a handler of this server: the loop ends it
+        if self._serving == threading.get_ident():
+            # on_ready, or a signal handler run meanwhile, on the thread that
+            # is to run the loop: it starts, finds the stop, and drains.
+            if group is not None:
+                group.request_stop()
+            return False
+        if group is not None:
+            if state == "running":
+                group.request_stop()
+                return True
+            group.stop()
+            self._group_end()
+            return False
+        if state == "running" and (self._thread is not None or self._serving):
+            return True
+        # New, bound but never served, or running with nobody to run the
+        # loop: nothing to drain, finish it here.
+        self._finish()
+        return False
 
     def __enter__(self) -> "Server":
         if self._state in ("new", "listening"):
@@ -742,7 +873,6 @@ class Server:
         return f"<pollpool.Server {where} {self._state}>"
 
 
-@atexit.register
 def _stop_all() -> None:
     # A worker calling into a finalizing interpreter crashes the process, so
     # every server still running is stopped before finalization begins.
@@ -751,3 +881,16 @@ def _stop_all() -> None:
             srv.stop(timeout=srv.drain_timeout)
         except Exception:  # pragma: no cover - best effort at exit
             log.exception("stopping %r at exit failed", srv)
+
+
+# Non-daemon threads are joined before atexit hooks run, so a server served
+# on one would keep the interpreter from ever reaching them: stop servers
+# first, with the hooks threading runs before that join (as
+# concurrent.futures does).  atexit too, for an exit that skips it.
+_register_early = getattr(threading, "_register_atexit", None)
+if _register_early is not None:
+    try:
+        _register_early(_stop_all)
+    except RuntimeError:  # imported while the interpreter shuts down
+        pass
+atexit.register(_stop_all)
