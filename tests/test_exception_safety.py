@@ -205,6 +205,19 @@ INTERRUPTED_STARTS = """
     interrupted = 0
     ports = []
     base_threads = threading.active_count()
+
+    def live_children():
+        out = []
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(os.getpid()) and fields[0] != "Z":
+                out.append(int(p))
+        return out
     for i in range(n):
         srv = pollpool.Server(pollpool.handlers.echo, port=0, threads=2, processes=processes,
                               drain_timeout=5)
@@ -221,6 +234,11 @@ INTERRUPTED_STARTS = """
             time.sleep(max_delay * 1.5)  # the signal lands here if not before
         except KeyboardInterrupt:
             interrupted += 1
+            # Whatever state it says it is in must be true: a server that
+            # says stopped has no process left serving its port.
+            if not srv.running and processes > 1:
+                time.sleep(0.3)
+                assert not live_children(), (i, srv, live_children())
         finally:
             timer.cancel()
             timer.join()
@@ -243,8 +261,7 @@ INTERRUPTED_STARTS = """
         except OSError:
             pass
     time.sleep(0.2)
-    children = [p for p in os.listdir("/proc") if p.isdigit() and
-                open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())]
+    children = live_children()
     print(json.dumps({"interrupted": interrupted, "n": n, "open_ports": open_ports,
                       "threads": threading.active_count() - base_threads,
                       "children": len(children)}), flush=True)
