@@ -22,6 +22,7 @@
 #include "buffer.h"
 #include "framing.h"
 #include "list.h"
+#include "outbox.h"
 #include "pool.h"
 #include "pp_server.h"
 
@@ -43,6 +44,16 @@ enum {
     PP_C_OPENED = 1 << 9,      /* open event sent: a close event is owed */
     PP_C_RETIRING = 1 << 10,   /* close event in flight; freed when it is back */
 };
+
+/* Push state of a connection, guarded by srv->push_mu. */
+enum {
+    PP_P_REG = 1 << 0,         /* in the registry: takes pushes */
+    PP_P_CLOSE_REQ = 1 << 1,   /* close asked from outside: after what is queued */
+    PP_P_OVERFLOW = 1 << 2,    /* passed push_limit with on_push_overflow=close */
+    PP_P_NOMEM = 1 << 3,       /* (returned by pp__push_take only) pushes lost */
+};
+
+typedef struct pp_topic pp_topic;
 
 /* What a task carries besides messages. */
 enum { PP_EV_NONE = 0, PP_EV_OPEN = 1, PP_EV_CLOSE = 2 };
@@ -76,9 +87,32 @@ typedef struct pp_conn {
     int status;                 /* PP_KEEP, PP_CLOSE or < 0: outcome of the task */
     int send_error;             /* errno of a failed send(), 0 if none */
 
+    pp_segq outq;               /* shared frames sent before out (outbox.h) */
+
     /* Completion stack link, written by the worker before it publishes. */
     struct pp_conn *next_done;
+
+    /* Guarded by srv->push_mu (push.c). */
+    pp_segq outbox;             /* pushes not yet taken by the output's owner */
+    unsigned push_flags;        /* PP_P_* */
+    pp_link push_link;          /* on srv->push_ready */
+    pp_link reg_link;           /* on srv->registry */
+    pp_topic **topics;          /* subscriptions */
+    size_t ntopics, cap_topics;
+    /* The I/O thread's, while it walks what pp__push_take_ready() gave. */
+    struct pp_conn *push_next;
+    /* Any thread reads; set under push_mu, or by the output's owner. */
+    atomic_int outbox_has;      /* outbox or requests waiting: take them */
+    atomic_size_t push_queued;  /* push bytes queued and not yet sent */
+    atomic_size_t out_pending;  /* output bytes as its owner last saw them */
 } pp_conn;
+
+/* Output not yet sent: the shared segments, then the open reply buffer.
+ * Called by the owner of c's output. */
+static inline size_t pp__conn_pending(const pp_conn *c)
+{
+    return c->outq.bytes + pp__buf_size(&c->out);
+}
 
 /* I/O-thread counters: one writer (the I/O thread). */
 typedef struct pp_iostats {
@@ -87,6 +121,11 @@ typedef struct pp_iostats {
     _Atomic uint64_t forced_closes, nomem_errors, rejected, idle_closes;
     _Atomic uint64_t send_timeouts, output_overflows;
 } pp_iostats;
+
+/* Push counters, written under push_mu. */
+typedef struct pp_pushstats {
+    _Atomic uint64_t pushes, push_bytes, push_drops, push_overflow_closes;
+} pp_pushstats;
 
 struct pp_server {
     pp_config cfg;
@@ -149,6 +188,21 @@ struct pp_server {
     atomic_int running;         /* the loop was entered */
     atomic_int_fast64_t active; /* open connections */
 
+    _Atomic uint64_t wakeups;   /* wake fd writes, from any thread */
+    atomic_int push_pending;    /* push_ready is not empty */
+
+    /* push.c: guarded by push_mu. */
+    pthread_mutex_t push_mu;
+    pp_link push_ready;         /* connections with pushes or requests to take */
+    pp_link registry;           /* every connection that takes pushes */
+    pp_conn **by_id;            /* open addressing, by id */
+    size_t by_id_cap, by_id_n;
+    pp_topic **topics;          /* open addressing, by name */
+    size_t topics_cap, topics_n;
+    int push_closed;            /* draining: pushes are refused */
+    int push_mu_init;
+    pp_pushstats push_stats;
+
     pthread_t io_thread;
     int io_thread_started;
 
@@ -161,6 +215,26 @@ int pp__loop_run(pp_server *srv);
 void pp__loop_complete(pp_server *srv, pp_conn *c);
 /* Wakes the I/O thread; async-signal-safe. */
 void pp__loop_wake(pp_server *srv);
+
+/* Wakes the I/O thread if it may be asleep (pairs with its arming), else
+ * nothing: producers of completions and pushes call it. */
+void pp__loop_notify(pp_server *srv);
+
+/* push.c */
+/* Adds c to the registry (accept); -ENOMEM.  I/O thread. */
+int pp__push_register(pp_server *srv, pp_conn *c);
+/* Takes c out of the registry and its topics, dropping its outbox: pushes to
+ * it fail from here on.  I/O thread; idempotent. */
+void pp__push_unregister(pp_server *srv, pp_conn *c);
+/* Refuses every push from now on (the drain began).  I/O thread. */
+void pp__push_close(pp_server *srv);
+/* The connections with pushes or requests waiting, chained by push_next, or
+ * NULL; one lock, and none when nothing waits.  I/O thread. */
+pp_conn *pp__push_take_ready(pp_server *srv);
+/* Moves c's outbox into its output, after what the output holds.  Returns the
+ * requests waiting (PP_P_CLOSE_REQ, PP_P_OVERFLOW; PP_P_NOMEM if pushes were
+ * lost), cleared when requests is nonzero.  The owner of c's output. */
+unsigned pp__push_take(pp_server *srv, pp_conn *c, int requests);
 
 /* reply.c */
 /* Runs the handler on every message of c's task; called by the worker that

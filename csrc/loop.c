@@ -52,12 +52,14 @@ void pp__loop_wake(pp_server *srv)
 #ifdef __linux__
     uint64_t one = 1;
     ssize_t rc;
+    atomic_fetch_add_explicit(&srv->wakeups, 1, memory_order_relaxed);
     do
         rc = write(srv->wake_wr, &one, sizeof one);
     while (rc < 0 && errno == EINTR);
 #else
     char one = 1;
     ssize_t rc;
+    atomic_fetch_add_explicit(&srv->wakeups, 1, memory_order_relaxed);
     do
         rc = write(srv->wake_wr, &one, 1);
     while (rc < 0 && errno == EINTR);
@@ -91,6 +93,11 @@ void pp__loop_complete(pp_server *srv, pp_conn *c)
      * I/O thread's load sees this completion, or this load sees the arming,
      * or it sees 0 written by another worker's exchange, which took the
      * arming and wrote the fd. */
+    pp__loop_notify(srv);
+}
+
+void pp__loop_notify(pp_server *srv)
+{
     if (atomic_load(&srv->io_armed) && atomic_exchange(&srv->io_armed, 0))
         pp__loop_wake(srv);
 }
@@ -131,7 +138,7 @@ static void conn_timers(pp_server *srv, pp_conn *c)
         list = NULL;
     } else if (c->flags & PP_C_LINGER) {
         list = &srv->linger_list;
-    } else if (pp__buf_size(&c->out) > 0) {
+    } else if (pp__conn_pending(c) > 0) {
         if (srv->stall_ms > 0) {
             list = &srv->send_list;
             since = &c->out_since;
@@ -286,8 +293,16 @@ static void do_accept(pp_server *srv, pp_watch *lw)
             accept_pause(srv, pp__now_ms() + PP_ACCEPT_RETRY_MS);
             return;
         }
-        pp__list_append(&srv->conns, &c->all);
         c->id = ++srv->next_id;
+        if (pp__push_register(srv, c) < 0) {
+            srv->bk->del(srv, &c->w);
+            free(c);
+            close(fd);
+            pp__stat_add(&srv->stats.nomem_errors, 1);
+            accept_pause(srv, pp__now_ms() + PP_ACCEPT_RETRY_MS);
+            return;
+        }
+        pp__list_append(&srv->conns, &c->all);
         c->last_active = srv->now;
         /* accept() reports the address's real length, which may be more
          * than it stored: copy no more than ss holds. */
@@ -327,7 +342,7 @@ static int conn_can_read(const pp_server *srv, const pp_conn *c)
     if (c->flags & PP_C_IN_FLIGHT)
         return 0;
     /* Output piling up behind a peer that does not read stops its input. */
-    if (pp__buf_size(&c->out) > srv->cfg.output_high_water)
+    if (pp__conn_pending(c) > srv->cfg.output_high_water)
         return 0;
     return pp__buf_size(&c->in) < srv->in_limit;
 }
@@ -338,7 +353,7 @@ static void conn_update(pp_server *srv, pp_conn *c)
     short ev = 0;
     if (conn_can_read(srv, c))
         ev |= POLLIN;
-    if (!(c->flags & PP_C_IN_FLIGHT) && pp__buf_size(&c->out) > 0)
+    if (!(c->flags & PP_C_IN_FLIGHT) && pp__conn_pending(c) > 0)
         ev |= POLLOUT;
     /* Wanting nothing also hides POLLHUP/POLLERR: reported while a task is
      * in flight, they would make the loop spin.  Called even when nothing
@@ -350,6 +365,7 @@ static void conn_update(pp_server *srv, pp_conn *c)
 
 static void conn_free(pp_conn *c)
 {
+    pp__segq_free(&c->outq);
     pp__buf_free(&c->in);
     pp__buf_free(&c->task);
     pp__buf_free(&c->out);
@@ -363,6 +379,8 @@ static void conn_close(pp_server *srv, pp_conn *c)
 {
     if (c->flags & PP_C_IN_FLIGHT)
         abort();
+    /* No push reaches it from here on, and what was queued is moot. */
+    pp__push_unregister(srv, c);
     pp__list_unlink(&c->ready);
     c->flags &= ~PP_C_LINGER;
     if ((c->flags & PP_C_OPENED) && srv->cfg.on_close) {
@@ -597,10 +615,47 @@ static void conn_flush(pp_server *srv, pp_conn *c)
     if (rc < 0) {
         pp__stat_add(&srv->stats.write_errors, 1);
         c->flags |= PP_C_BROKEN;
-    } else if (pp__buf_size(&c->out) == 0) {
+    } else if (pp__conn_pending(c) == 0) {
         pp__buf_reset(&c->out, PP_KEEP_BUF);
     } else {
         pp__watch_drained(&c->w, POLLOUT); /* EAGAIN */
+    }
+    atomic_store_explicit(&c->out_pending, pp__conn_pending(c), memory_order_relaxed);
+}
+
+static void conn_progress(pp_server *srv, pp_conn *c);
+
+/* Takes c's pushes into its output and acts on requests from other threads
+ * (close, overflow).  Only while no task is in flight: the worker owns the
+ * output then, and on_complete() looks again. */
+static void conn_take_pushes(pp_server *srv, pp_conn *c)
+{
+    unsigned req = pp__push_take(srv, c, 1);
+    if (req & PP_P_NOMEM) {
+        pp__stat_add(&srv->stats.nomem_errors, 1);
+        c->flags |= PP_C_BROKEN;
+    }
+    if (req & PP_P_OVERFLOW)
+        c->flags |= PP_C_BROKEN; /* counted by the producer */
+    if (req & PP_P_CLOSE_REQ)
+        c->flags |= PP_C_CLOSE;
+}
+
+/* Every connection with pushes or requests since the last round: sent at
+ * once, so a push costs the I/O thread one sendmsg() per recipient. */
+static void take_pushes(pp_server *srv)
+{
+    pp_conn *c = pp__push_take_ready(srv);
+    while (c != NULL) {
+        pp_conn *next = c->push_next; /* progress may free c, and only c */
+        c->push_next = NULL;
+        if (!(c->flags & (PP_C_IN_FLIGHT | PP_C_RETIRING))) {
+            conn_take_pushes(srv, c);
+            if (!(c->flags & PP_C_BROKEN) && pp__conn_pending(c) > 0)
+                conn_flush(srv, c);
+            conn_progress(srv, c);
+        }
+        c = next;
     }
 }
 
@@ -623,7 +678,7 @@ static void conn_progress(pp_server *srv, pp_conn *c)
     /* Output above the high-water mark holds back the next task as well as
      * reading: each task may add as much output again. */
     if (!(c->flags & PP_C_CLOSE) && c->in_framed > 0 &&
-        pp__buf_size(&c->out) <= srv->cfg.output_high_water) {
+        pp__conn_pending(c) <= srv->cfg.output_high_water) {
         conn_dispatch(srv, c);
         if (c->flags & PP_C_BROKEN) {
             conn_close(srv, c);
@@ -657,7 +712,7 @@ static void conn_progress(pp_server *srv, pp_conn *c)
     }
     /* Closing: once the output is out and either nothing whole is left to
      * answer, or the handler asked to close (what came after is dropped). */
-    if (pp__buf_size(&c->out) == 0 &&
+    if (pp__conn_pending(c) == 0 &&
         (c->in_framed == 0 || (c->flags & PP_C_CLOSE)) &&
         (c->flags & (PP_C_CLOSE | PP_C_EOF | PP_C_BAD_FRAME))) {
         if (c->flags & PP_C_EOF)
@@ -683,8 +738,11 @@ static void on_complete(pp_server *srv, pp_conn *c)
         c->flags |= PP_C_CLOSE; /* PP_CLOSE or an error: send what is there */
     if (srv->forcing)
         c->flags |= PP_C_BROKEN;
+    /* Requests and pushes that came while the task ran go after its replies. */
+    if (atomic_load_explicit(&c->outbox_has, memory_order_relaxed))
+        conn_take_pushes(srv, c);
     c->last_active = c->out_since = srv->now;
-    size_t pending = pp__buf_size(&c->out);
+    size_t pending = pp__conn_pending(c);
     if (c->status == -ENOBUFS) {
         c->flags |= PP_C_BROKEN; /* the worker stopped at output_limit, counted */
     } else if (pending == 0) {
@@ -806,9 +864,12 @@ static void begin_drain(pp_server *srv)
     srv->draining = 1;
     srv->accept_retry_at = 0; /* accepting is over: no retry to wake for */
     srv->drain_deadline = pp__now_ms() + (int64_t)(srv->cfg.drain_timeout * 1000.0);
-    /* No new connections from here on. */
+    /* No new connections from here on, and no new pushes; those queued
+     * before go out with the rest. */
     listeners_close(srv);
     srv->accept_paused = 1;
+    pp__push_close(srv);
+    take_pushes(srv);
     pp_link *l = pp__list_first(&srv->conns);
     while (l != NULL && l != &srv->conns) {
         pp_link *next = l->next; /* progress may free c, and only c */
@@ -925,7 +986,7 @@ int pp__loop_run(pp_server *srv)
         /* Announce the sleep, then look once more: a completion pushed before
          * the announcement is seen here, one pushed after it writes the fd. */
         atomic_store(&srv->io_armed, 1);
-        if (atomic_load(&srv->done) != NULL ||
+        if (atomic_load(&srv->done) != NULL || atomic_load(&srv->push_pending) ||
             atomic_load(&srv->stop_level) != level)
             timeout = 0;
         int n = srv->bk->wait(srv, timeout);
@@ -944,6 +1005,7 @@ int pp__loop_run(pp_server *srv)
         }
 
         take_completions(srv);
+        take_pushes(srv);
         pp_link *l;
         while ((l = pp__list_first(&srv->fired)) != NULL) {
             pp__list_unlink(l);

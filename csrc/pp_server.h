@@ -75,7 +75,14 @@ typedef struct pp_config {
     pp_close_fn on_close;
     void (*worker_exit)(void *ctx); /* optional: each worker thread calls it
                                    as it exits (to free per-thread state) */
+    size_t push_limit;          /* bytes of pushes queued per connection;
+                                   0 = no limit */
+    int push_overflow;          /* PP_PUSH_CLOSE or PP_PUSH_DROP, past it */
 } pp_config;
+
+/* What a push past push_limit does: close that connection (the default, as
+ * Redis does with a slow pub/sub client), or drop the push. */
+enum { PP_PUSH_CLOSE = 0, PP_PUSH_DROP = 1 };
 
 /* Counters; a snapshot, each value read atomically but not all at one instant. */
 typedef struct pp_stats {
@@ -98,6 +105,11 @@ typedef struct pp_stats {
     uint64_t idle_closes;       /* connections closed by idle_timeout */
     uint64_t send_timeouts;     /* connections closed by send_timeout */
     uint64_t output_overflows;  /* connections closed by output_limit */
+    uint64_t pushes;            /* frames queued by pushes (per recipient) */
+    uint64_t push_bytes;        /* their bytes, framing included */
+    uint64_t push_drops;        /* pushes dropped at push_limit */
+    uint64_t push_overflow_closes; /* connections closed at push_limit */
+    uint64_t wakeups;           /* writes to the I/O thread's wake fd */
 } pp_stats;
 
 typedef struct pp_server pp_server;
@@ -185,6 +197,43 @@ int pp_reply_send_framed(pp_reply *reply, const void *data, size_t len,
 /* Writes the peer address of the reply's connection as numeric host and
  * port.  Returns 0 or -errno. */
 int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
+
+/* ---- talking at any time --------------------------------------------------
+ * Every function below may be called from any thread, inside a handler or
+ * not, while the server runs (until pp_server_free()).  Data is copied and
+ * framed like a reply: once per call, whatever the number of recipients,
+ * which share the frame.  A connection's pushes arrive in the order they were
+ * queued, each whole, after the replies its current task has produced.  The
+ * I/O thread is woken at most once per loop round, however many pushes come. */
+
+/* Queues data to connection id.  Returns 0; -ENOTCONN if it is gone, closing
+ * or the server is draining; -ENOBUFS if push_limit refused it (dropped, or
+ * the connection is being closed, per push_overflow); -EMSGSIZE (the framing
+ * cannot carry len) or -ENOMEM. */
+int pp_server_send(pp_server *srv, uint64_t id, const void *data, size_t len);
+
+/* Queues data to every open connection; returns how many took it, or -errno
+ * (EMSGSIZE, ENOMEM) before any did. */
+long pp_server_broadcast(pp_server *srv, const void *data, size_t len);
+
+/* Queues data to every connection subscribed to topic (tlen bytes, any
+ * bytes); returns how many took it, or -errno. */
+long pp_server_publish(pp_server *srv, const void *topic, size_t tlen,
+                       const void *data, size_t len);
+
+/* Subscribes connection id to topic (again: no effect); -ENOTCONN, -ENOMEM. */
+int pp_server_subscribe(pp_server *srv, uint64_t id, const void *topic, size_t tlen);
+
+/* Unsubscribes; not subscribed is no error; -ENOTCONN. */
+int pp_server_unsubscribe(pp_server *srv, uint64_t id, const void *topic, size_t tlen);
+
+/* Closes connection id once what was queued for it before is sent (replies
+ * of a task in flight included).  0 or -ENOTCONN. */
+int pp_server_close_conn(pp_server *srv, uint64_t id);
+
+/* Bytes queued for connection id and not yet sent (pushes and replies, as
+ * last seen by the owner of its output), or -ENOTCONN. */
+long long pp_server_pending(pp_server *srv, uint64_t id);
 
 /* The built-in echo handler: replies with the message itself. */
 int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,

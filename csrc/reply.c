@@ -12,6 +12,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 #include "core.h"
 
@@ -147,9 +148,58 @@ int pp_reply_send_framed(pp_reply *r, const void *data, size_t len,
     return after_reply(ri);
 }
 
+/* Segments and the reply buffer in one sendmsg(): a broadcast's frame is
+ * never copied per recipient. */
+#define PP_IOV 64
+
+static int flush_segments(pp_conn *c, uint64_t *sent)
+{
+    pp_buf *out = &c->out;
+    while (c->outq.n > 0) {
+        struct iovec iov[PP_IOV];
+        size_t n = 0, want = 0;
+        for (; n < c->outq.n && n < PP_IOV; n++) {
+            const pp_seg *s = pp__segq_at(&c->outq, n);
+            iov[n].iov_base = s->sh->data + s->off;
+            iov[n].iov_len = s->sh->len - s->off;
+            want += iov[n].iov_len;
+        }
+        if (n < PP_IOV && pp__buf_size(out) > 0) {
+            iov[n].iov_base = pp__buf_begin(out);
+            iov[n].iov_len = pp__buf_size(out);
+            want += iov[n++].iov_len;
+        }
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = n};
+        ssize_t k = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        if (k <= 0)
+            return k < 0 ? -errno : -EIO;
+        *sent += (uint64_t)k;
+        size_t left = (size_t)k;
+        size_t in_q = left < c->outq.bytes ? left : c->outq.bytes;
+        size_t pushed = pp__segq_consume(&c->outq, in_q);
+        if (pushed)
+            atomic_fetch_sub_explicit(&c->push_queued, pushed, memory_order_relaxed);
+        left -= in_q;
+        if (left)
+            pp__buf_consume(out, left);
+        if ((size_t)k < want)
+            return 0; /* the socket buffer is full: wait for POLLOUT */
+    }
+    return 1; /* segments gone: the reply buffer alone is left */
+}
+
 int pp__conn_flush(pp_conn *c, uint64_t *sent)
 {
     pp_buf *out = &c->out;
+    if (c->outq.n > 0) {
+        int rc = flush_segments(c, sent);
+        if (rc <= 0)
+            return rc;
+    }
     while (pp__buf_size(out) > 0) {
         size_t want = pp__buf_size(out);
         ssize_t n = send(c->fd, pp__buf_begin(out), want,
@@ -298,11 +348,19 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
         pp__stat_add(&w->stats.output_overflows, 1);
     else if (st < 0)
         pp__stat_add(&w->stats.handler_errors, 1);
-    if (c->send_error == 0 && pp__buf_size(&c->out) > 0) {
+    /* Pushes made meanwhile (by this handler too) go after the task's
+     * replies, in the same send. */
+    if (atomic_load_explicit(&c->outbox_has, memory_order_relaxed) &&
+        (pp__push_take(srv, c, 0) & PP_P_NOMEM) && st >= 0) {
+        pp__stat_add(&w->stats.nomem_errors, 1);
+        st = -ENOMEM;
+    }
+    if (c->send_error == 0 && pp__conn_pending(c) > 0) {
         int rc = pp__conn_flush(c, &ri.sent);
         if (rc < 0)
             c->send_error = -rc;
     }
+    atomic_store_explicit(&c->out_pending, pp__conn_pending(c), memory_order_relaxed);
     if (c->send_error)
         pp__stat_add(&w->stats.write_errors, 1);
     pp__stat_add(&w->stats.messages, nmsg);

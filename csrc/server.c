@@ -40,6 +40,8 @@ void pp_config_init(pp_config *cfg)
     cfg->drain_timeout = 10.0;
     cfg->send_timeout = 60.0;
     cfg->output_limit = 64 << 20;
+    cfg->push_limit = 1 << 20;
+    cfg->push_overflow = PP_PUSH_CLOSE;
     cfg->handler = pp_handler_echo;
 }
 
@@ -59,6 +61,8 @@ static int validate(const pp_config *cfg)
         cfg->idle_timeout > 86400.0 * 365 || cfg->send_timeout > 86400.0 * 365)
         return -EINVAL;
     if (pp_backend_name(cfg->backend) == NULL)
+        return -EINVAL;
+    if (cfg->push_overflow != PP_PUSH_CLOSE && cfg->push_overflow != PP_PUSH_DROP)
         return -EINVAL;
     return 0;
 }
@@ -167,6 +171,8 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     pp__list_init(&srv->idle_list);
     pp__list_init(&srv->send_list);
     pp__list_init(&srv->linger_list);
+    pp__list_init(&srv->push_ready);
+    pp__list_init(&srv->registry);
     srv->idle_ms = (int64_t)(cfg->idle_timeout * 1000.0);
     srv->stall_ms = (int64_t)(cfg->send_timeout * 1000.0);
     /* A timeout below a millisecond still means one. */
@@ -184,6 +190,11 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     srv->cfg.reject_message = NULL;
     if ((rc = pp__framing_init(&srv->framing, cfg)) < 0)
         goto fail;
+    if ((rc = pthread_mutex_init(&srv->push_mu, NULL)) != 0) {
+        rc = -rc;
+        goto fail;
+    }
+    srv->push_mu_init = 1;
     /* Room for one largest frame plus its framing, and some pipelining;
      * saturated, so that a max_size near SIZE_MAX means "no limit" rather
      * than wrapping to a limit below the frames it allows. */
@@ -244,6 +255,8 @@ fail_wake:
 fail_pool:
     pp__pool_destroy(&srv->pool);
 fail:
+    if (srv->push_mu_init)
+        pthread_mutex_destroy(&srv->push_mu);
     free(srv->shutdown_msg);
     free(srv->reject_msg);
     free(srv);
@@ -391,6 +404,11 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
     s->idle_closes = PP_LD(io->idle_closes);
     s->send_timeouts = PP_LD(io->send_timeouts);
     s->output_overflows = PP_LD(io->output_overflows);
+    s->pushes = PP_LD(srv->push_stats.pushes);
+    s->push_bytes = PP_LD(srv->push_stats.push_bytes);
+    s->push_drops = PP_LD(srv->push_stats.push_drops);
+    s->push_overflow_closes = PP_LD(srv->push_stats.push_overflow_closes);
+    s->wakeups = PP_LD(srv->wakeups);
     for (int i = 0; i < srv->pool.nthreads; i++) {
         const pp_wstats *w = &srv->pool.workers[i].stats;
         s->messages += PP_LD(w->messages);
@@ -411,11 +429,16 @@ void pp__server_destroy(pp_server *srv)
         pp__list_unlink(l);
         pp_conn *c = PP_CONTAINER(l, pp_conn, all);
         close(c->fd);
+        pp__push_unregister(srv, c);
+        pp__segq_free(&c->outq);
         pp__buf_free(&c->in);
         pp__buf_free(&c->task);
         pp__buf_free(&c->out);
         free(c);
     }
+    free(srv->by_id);
+    free(srv->topics); /* empty: a topic lives as long as a member */
+    pthread_mutex_destroy(&srv->push_mu);
     srv->bk->destroy(srv);
     pp__listen_close(srv);
     wake_close(srv);

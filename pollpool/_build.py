@@ -61,6 +61,8 @@ typedef struct pp_config {
     pp_open_fn on_open;
     pp_close_fn on_close;
     void (*worker_exit)(void *ctx);
+    size_t push_limit;
+    int push_overflow;
 } pp_config;
 
 typedef struct pp_stats {
@@ -83,6 +85,11 @@ typedef struct pp_stats {
     uint64_t idle_closes;
     uint64_t send_timeouts;
     uint64_t output_overflows;
+    uint64_t pushes;
+    uint64_t push_bytes;
+    uint64_t push_drops;
+    uint64_t push_overflow_closes;
+    uint64_t wakeups;
 } pp_stats;
 
 typedef struct pp_server pp_server;
@@ -105,6 +112,16 @@ int pp_signals_install(pp_server *srv);
 void pp_signals_restore(void);
 int pp_handler_echo(void *ctx, const unsigned char *msg, size_t len,
                     pp_reply *reply);
+int pp_server_send(pp_server *srv, uint64_t id, const void *data, size_t len);
+long pp_server_broadcast(pp_server *srv, const void *data, size_t len);
+long pp_server_publish(pp_server *srv, const void *topic, size_t tlen,
+                       const void *data, size_t len);
+int pp_server_subscribe(pp_server *srv, uint64_t id, const void *topic, size_t tlen);
+int pp_server_unsubscribe(pp_server *srv, uint64_t id, const void *topic, size_t tlen);
+int pp_server_close_conn(pp_server *srv, uint64_t id);
+long long pp_server_pending(pp_server *srv, uint64_t id);
+#define PP_PUSH_CLOSE 0
+#define PP_PUSH_DROP 1
 
 /* Python glue (defined in the source below). */
 typedef struct pp_pymsg { const char *data; size_t len; } pp_pymsg;

@@ -2,29 +2,69 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import BytesLike, Server
 
 
 class Connection:
     """One client connection, as a connection-aware handler sees it.
 
-    ``id`` is unique for the server's lifetime; ``peer`` is the client's
-    ``(host, port)``; ``state`` (and any other attribute you set) is yours.
-    Handler calls for one connection never overlap, so its state needs no lock
-    as long as only its own handler calls touch it.
+    ``id`` is unique for the server's lifetime (never reused); ``peer`` is the
+    client's ``(host, port)``; ``state`` (and any other attribute you set) is
+    yours.  Handler calls for one connection never overlap, so its state needs
+    no lock as long as only its own handler calls touch it.
+
+    :meth:`send`, :meth:`close`, :meth:`subscribe` and :meth:`unsubscribe`
+    are thread-safe: call them from any thread, inside a handler or not.
     """
 
-    def __init__(self, conn_id: int, peer: Tuple[str, int]) -> None:
+    __slots__ = ("id", "peer", "state", "closing", "_server", "__dict__")
+
+    def __init__(self, conn_id: int, peer: Tuple[str, int],
+                 server: Optional[Callable[[], Optional["Server"]]] = None) -> None:
         self.id = conn_id
         self.peer = peer
         self.state: Any = None
         self.closing = False
+        self._server = server
+
+    def _srv(self) -> Optional["Server"]:
+        return self._server() if self._server is not None else None
+
+    def send(self, data: "BytesLike") -> bool:
+        """Queues ``data``, framed like a reply, to this connection; see
+        :meth:`Server.send`.  Inside this connection's own handler, it goes
+        after the replies the current task has produced."""
+        srv = self._srv()
+        return srv is not None and srv.send(self.id, data)
 
     def close(self) -> None:
-        """Closes the connection once the replies already returned are sent.
-        Messages that arrived after the current one get no handler call.
-        Call it from this connection's own handler."""
+        """Closes the connection once what was queued for it is sent.  In its
+        own handler: after the replies already returned, and the messages
+        that arrived after the current one get no handler call."""
         self.closing = True
+        srv = self._srv()
+        if srv is not None:
+            srv.close_connection(self.id)
+
+    def subscribe(self, topic: Union[str, bytes]) -> bool:
+        """Subscribes to ``topic``: :meth:`Server.publish` to it reaches this
+        connection.  False if the connection is gone."""
+        srv = self._srv()
+        return srv is not None and srv._subscribe(self.id, topic, True)
+
+    def unsubscribe(self, topic: Union[str, bytes]) -> bool:
+        srv = self._srv()
+        return srv is not None and srv._subscribe(self.id, topic, False)
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued for this connection and not yet sent (pushes and
+        replies); 0 once it is gone."""
+        srv = self._srv()
+        return srv._pending(self.id) if srv is not None else 0
 
     def __repr__(self) -> str:
         return f"<pollpool.Connection {self.id} {self.peer[0]}:{self.peer[1]}{' closing' if self.closing else ''}>"

@@ -28,7 +28,9 @@ STAT_FIELDS = (
     "oversize_frames", "handler_errors", "accept_errors", "read_errors",
     "write_errors", "nomem_errors", "accept_paused", "forced_closes",
     "rejected", "idle_closes", "send_timeouts", "output_overflows",
+    "pushes", "push_bytes", "push_drops", "push_overflow_closes", "wakeups",
 )
+PUSH_OVERFLOW = {"close": 0, "drop": 1}
 
 # Handles of servers stopped by force: a worker may still be inside their
 # Python handler, so what the handle points to must live as long as the process.
@@ -93,10 +95,13 @@ class _PyHandler:
     ``on_message``, ``on_disconnect``) is reached through the ctx pointer by
     the cffi callbacks below, and gets the :class:`Connection` too."""
 
-    __slots__ = ("name", "delim", "header_bytes", "reply_max", "aware",
+    __slots__ = ("server", "name", "delim", "header_bytes", "reply_max", "aware",
                  "on_connect", "on_message", "on_disconnect", "conns")
 
-    def __init__(self, handler: Any, framing: Framing) -> None:
+    def __init__(self, handler: Any, framing: Framing, server: "Server") -> None:
+        # Connections talk through the server; weak, so that a handler that
+        # keeps its connections does not keep the server alive.
+        self.server = weakref.ref(server)
         self.aware = is_connection_aware(handler)
         self.on_connect = getattr(handler, "on_connect", None) if self.aware else None
         self.on_message = getattr(handler, "on_message", None) if self.aware else None
@@ -263,7 +268,7 @@ def _pp_py_open(ctx: Any, reply: Any, conn_id: int, host: Any, port: int, scratc
     # A connection-aware handler's connection arrived: the first task of
     # that connection, so no message of it can come before.
     h: _PyHandler = ffi.from_handle(ctx)
-    conn = Connection(conn_id, (ffi.string(host).decode(), port))
+    conn = Connection(conn_id, (ffi.string(host).decode(), port), h.server)
     h.conns[conn_id] = conn
     if h.on_connect is None:
         return 0
@@ -349,6 +354,34 @@ def _frame_checked(h: _PyHandler, results: list, conn_id: int) -> Tuple[bytes, i
     return b"".join(parts), len(parts) // (1 if delim is None and not hb else 2), False
 
 
+def _push_data(data: Any) -> Any:
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, memoryview):
+        return ffi.from_buffer(data)
+    raise TypeError(f"data must be bytes, bytearray or memoryview, not {type(data).__name__}")
+
+
+def _topic(topic: Any) -> bytes:
+    if isinstance(topic, str):
+        return topic.encode()
+    if isinstance(topic, (bytes, bytearray)):
+        return bytes(topic)
+    raise TypeError(f"topic must be str or bytes, not {type(topic).__name__}")
+
+
+def _push_result(rc: int) -> int:
+    """rc as it is, or the exception its error calls for; -ENOTCONN and
+    -ENOBUFS (gone, or refused by push_limit) are answers, not errors."""
+    if rc >= 0 or rc in (-errno.ENOTCONN, -errno.ENOBUFS):
+        return rc
+    if rc == -errno.EMSGSIZE:
+        raise ValueError("the message is too long for the framing's length header")
+    if rc == -errno.ENOMEM:
+        raise MemoryError("out of memory queueing a push")
+    raise OSError(-rc, os.strerror(-rc))
+
+
 def _check_seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds")
@@ -425,6 +458,8 @@ class Server:
         backend: Optional[str] = None,
         processes: int = 1,
         reuse_port: bool = False,
+        push_limit: int = 1024 * 1024,
+        on_push_overflow: str = "close",
     ) -> None:
         # Every argument but the handler, as given: what a forked server
         # process (processes > 1) is built with.
@@ -476,6 +511,10 @@ class Server:
         if not isinstance(reuse_port, bool):
             raise TypeError("reuse_port must be a bool")
         self.reuse_port = reuse_port
+        self.push_limit = _check_int("push_limit", push_limit, 0)
+        if on_push_overflow not in PUSH_OVERFLOW:
+            raise ValueError(f"on_push_overflow must be 'close' or 'drop', got {on_push_overflow!r}")
+        self.on_push_overflow = on_push_overflow
         self._fd_limit: Optional[int] = None
         self._group: Any = None        # the supervisor when processes > 1
 
@@ -557,6 +596,8 @@ class Server:
         cfg.idle_timeout = self.idle_timeout
         cfg.send_timeout = self.send_timeout
         cfg.output_limit = self.output_limit
+        cfg.push_limit = self.push_limit
+        cfg.push_overflow = PUSH_OVERFLOW[self.on_push_overflow]
         reject = None
         if self.reject_message is not None:
             reject = ffi.from_buffer("unsigned char[]", self.reject_message)
@@ -570,7 +611,7 @@ class Server:
         if isinstance(self.handler, NativeHandler):
             cfg.handler, cfg.ctx, cfg.on_open, cfg.on_close = self.handler._pointers()
         else:
-            state = _PyHandler(self.handler, self.framing)
+            state = _PyHandler(self.handler, self.framing, self)
             cfg.handler = ffi.NULL
             if state.aware:
                 self._handle = ffi.new_handle(state)
@@ -821,6 +862,70 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    # -- talking at any time ----------------------------------------------
+
+    def send(self, conn_id: int, data: BytesLike) -> bool:
+        """Queues ``data``, framed like a reply, to connection ``conn_id``.
+        Any thread, inside a handler or not; never waits for the socket.
+        True if queued; False if that connection is gone or closing, the
+        server is not running or draining, or ``push_limit`` refused it (the
+        push is dropped, or the connection closed, per ``on_push_overflow``).
+        Pushes from one thread to one connection arrive in the order made."""
+        buf = _push_data(data)
+        with self._lock:
+            srv = self._srv
+            if srv is None:
+                return False
+            rc = lib.pp_server_send(srv, conn_id, buf, len(buf))
+        return _push_result(rc) == 0
+
+    def broadcast(self, data: BytesLike) -> int:
+        """Queues ``data`` to every open connection: one framed copy shared
+        by all of them.  Returns how many took it.  Any thread."""
+        buf = _push_data(data)
+        with self._lock:
+            srv = self._srv
+            if srv is None:
+                return 0
+            n = lib.pp_server_broadcast(srv, buf, len(buf))
+        return _push_result(n)
+
+    def publish(self, topic: Union[str, bytes], data: BytesLike) -> int:
+        """Queues ``data`` to every connection subscribed to ``topic``
+        (:meth:`Connection.subscribe`); returns how many took it."""
+        t = _topic(topic)
+        buf = _push_data(data)
+        with self._lock:
+            srv = self._srv
+            if srv is None:
+                return 0
+            n = lib.pp_server_publish(srv, t, len(t), buf, len(buf))
+        return _push_result(n)
+
+    def close_connection(self, conn_id: int) -> bool:
+        """Closes connection ``conn_id`` once what was queued for it (the
+        replies of a task in flight too) is sent.  Any thread; False if it
+        is already gone or closing."""
+        with self._lock:
+            srv = self._srv
+            return srv is not None and lib.pp_server_close_conn(srv, conn_id) == 0
+
+    def _subscribe(self, conn_id: int, topic: Union[str, bytes], on: bool) -> bool:
+        t = _topic(topic)
+        with self._lock:
+            srv = self._srv
+            if srv is None:
+                return False
+            fn = lib.pp_server_subscribe if on else lib.pp_server_unsubscribe
+            rc = fn(srv, conn_id, t, len(t))
+        return _push_result(rc) == 0
+
+    def _pending(self, conn_id: int) -> int:
+        with self._lock:
+            srv = self._srv
+            rc = lib.pp_server_pending(srv, conn_id) if srv is not None else -1
+        return max(int(rc), 0)
 
     # -- inspection ------------------------------------------------------
 

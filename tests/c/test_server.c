@@ -2100,6 +2100,336 @@ static void test_on_worker(void)
     server_down(on_worker_srv, &st);
 }
 
+/* ---- pushes ------------------------------------------------------------- */
+
+/* Reads one length-4 frame into buf (cap bytes); returns its length. */
+static size_t recv_frame4(int fd, unsigned char *buf, size_t cap)
+{
+    unsigned char h[4];
+    recv_exact(fd, h, 4);
+    size_t n = (size_t)h[0] << 24 | (size_t)h[1] << 16 | (size_t)h[2] << 8 | h[3];
+    CHECKF(n <= cap, "frame of %zu bytes: torn or garbage", n);
+    recv_exact(fd, buf, n);
+    return n;
+}
+
+/* The id of the connection fd, asked with "id" (upper_handler). */
+static uint64_t ask_id(int fd)
+{
+    send_str(fd, &LENGTH4, "id");
+    char buf[64];
+    size_t n = recv_frame4(fd, (unsigned char *)buf, sizeof buf - 1);
+    buf[n] = 0;
+    return strtoull(buf, NULL, 10);
+}
+
+enum { PUSH_THREADS = 4 };
+
+typedef struct pusher {
+    pp_server *srv;
+    const uint64_t *ids;
+    size_t nids, count;
+    int thread;
+    uint64_t seed;
+} pusher;
+
+/* Pushes count numbered messages, of random sizes up to 64 KiB, to every id:
+ * "P<thread>:<seq>:" and filler. */
+static void *pusher_main(void *arg)
+{
+    pusher *p = arg;
+    size_t cap = 65536;
+    unsigned char *msg = malloc(cap);
+    CHECK(msg);
+    uint64_t rng = p->seed;
+    for (size_t k = 0; k < p->count; k++) {
+        int hn = snprintf((char *)msg, 64, "P%d:%zu:", p->thread, k);
+        size_t len = (size_t)check_range(&rng, (uint64_t)hn, check_rand(&rng) % 8 ? 512 : cap);
+        memset(msg + hn, 'p', len - (size_t)hn);
+        for (size_t i = 0; i < p->nids; i++)
+            CHECK_EQ(pp_server_send(p->srv, p->ids[i], msg, len), 0);
+    }
+    free(msg);
+    return NULL;
+}
+
+typedef struct pushee {
+    int port;
+    size_t nreq, npush;        /* replies to expect; pushes per thread */
+    int fd;
+    uint64_t id;
+    pthread_barrier_t *ready;
+} pushee;
+
+/* Pipelines numbered requests while reading: every reply once and in order,
+ * every push once and in its thread's order, no frame torn. */
+static void *pushee_writer(void *arg)
+{
+    pushee *e = arg;
+    char m[32];
+    for (size_t i = 0; i < e->nreq; i++) {
+        snprintf(m, sizeof m, "r%zu", i);
+        send_str(e->fd, &LENGTH4, m);
+    }
+    return NULL;
+}
+
+static void *pushee_main(void *arg)
+{
+    pushee *e = arg;
+    e->fd = client_connect(e->port);
+    e->id = ask_id(e->fd);
+    pthread_barrier_wait(e->ready);
+    pthread_t wt;
+    CHECK_EQ(pthread_create(&wt, NULL, pushee_writer, e), 0);
+    size_t next_reply = 0, next_push[PUSH_THREADS] = {0};
+    unsigned char *buf = malloc(65536);
+    CHECK(buf);
+    while (next_reply < e->nreq || next_push[0] < e->npush || next_push[1] < e->npush ||
+           next_push[2] < e->npush || next_push[3] < e->npush) {
+        size_t n = recv_frame4(e->fd, buf, 65536);
+        buf[n < 65535 ? n : 65535] = 0;
+        if (buf[0] == 'R') {
+            char want[32];
+            int wn = snprintf(want, sizeof want, "R%zu", next_reply);
+            CHECKF(n == (size_t)wn && memcmp(buf, want, n) == 0,
+                   "conn %llu: reply %.20s, expected %s", (unsigned long long)e->id,
+                   (const char *)buf, want);
+            next_reply++;
+        } else {
+            int t = -1;
+            size_t k = 0;
+            CHECKF(sscanf((const char *)buf, "P%d:%zu:", &t, &k) == 2 && t >= 0 &&
+                   t < PUSH_THREADS, "conn %llu: torn frame %.20s",
+                   (unsigned long long)e->id, (const char *)buf);
+            CHECKF(k == next_push[t], "conn %llu: push %d:%zu, expected %zu",
+                   (unsigned long long)e->id, t, k, next_push[t]);
+            for (size_t i = (size_t)snprintf(NULL, 0, "P%d:%zu:", t, k); i < n; i++)
+                CHECKF(buf[i] == 'p', "conn %llu: push %d:%zu torn at %zu",
+                       (unsigned long long)e->id, t, k, i);
+            next_push[t]++;
+        }
+    }
+    free(buf);
+    CHECK_EQ(pthread_join(wt, NULL), 0);
+    return NULL;
+}
+
+/* Must-show 2 of the push issue, in C: clients pipelining numbered requests
+ * while 4 threads push numbered messages of random sizes up to 64 KiB to
+ * all of them. */
+static void test_push_from_threads(void)
+{
+    alarm(150);
+    enum { NCLIENT = 12 };
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, NULL);
+    cfg.threads = 3;
+    cfg.push_limit = 0; /* this test wants every push delivered */
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    pthread_barrier_t ready;
+    CHECK_EQ(pthread_barrier_init(&ready, NULL, NCLIENT + 1), 0);
+    size_t npush = scaled(150, 20), nreq = scaled(400, 40);
+    pushee es[NCLIENT];
+    pthread_t th[NCLIENT];
+    for (int i = 0; i < NCLIENT; i++) {
+        es[i] = (pushee){.port = port, .nreq = nreq, .npush = npush, .ready = &ready};
+        CHECK_EQ(pthread_create(&th[i], NULL, pushee_main, &es[i]), 0);
+    }
+    pthread_barrier_wait(&ready);
+    uint64_t ids[NCLIENT];
+    for (int i = 0; i < NCLIENT; i++)
+        ids[i] = es[i].id;
+    pusher ps[PUSH_THREADS];
+    pthread_t pt[PUSH_THREADS];
+    for (int t = 0; t < PUSH_THREADS; t++) {
+        ps[t] = (pusher){srv, ids, NCLIENT, npush, t, 77 + (uint64_t)t};
+        CHECK_EQ(pthread_create(&pt[t], NULL, pusher_main, &ps[t]), 0);
+    }
+    for (int t = 0; t < PUSH_THREADS; t++)
+        CHECK_EQ(pthread_join(pt[t], NULL), 0);
+    for (int i = 0; i < NCLIENT; i++)
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.pushes, (uint64_t)NCLIENT * PUSH_THREADS * npush);
+    CHECK_EQ(st.push_drops + st.push_overflow_closes, 0);
+    printf("  %llu pushes, %llu wake-ups\n", (unsigned long long)st.pushes,
+           (unsigned long long)st.wakeups);
+    for (int i = 0; i < NCLIENT; i++)
+        close(es[i].fd);
+    pthread_barrier_destroy(&ready);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+}
+
+/* One publish to many subscribers: one shared frame, every subscriber gets
+ * it in order, and the publish wakes the I/O thread at most once. */
+static void test_publish_and_broadcast(void)
+{
+    alarm(120);
+    enum { NSUB = 40, NPUB = 50 };
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, NULL);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int fds[NSUB + 1];
+    uint64_t ids[NSUB + 1];
+    for (int i = 0; i <= NSUB; i++) {
+        fds[i] = client_connect(port);
+        ids[i] = ask_id(fds[i]);
+        if (i < NSUB)
+            CHECK_EQ(pp_server_subscribe(srv, ids[i], "news", 4), 0);
+    }
+    CHECK_EQ(pp_server_subscribe(srv, ids[0], "news", 4), 0); /* twice: once */
+    CHECK_EQ(pp_server_subscribe(srv, 999999, "news", 4), -ENOTCONN);
+    CHECK_EQ(pp_server_publish(srv, "none", 4, "x", 1), 0);
+    char m[32];
+    for (int k = 0; k < NPUB; k++) {
+        snprintf(m, sizeof m, "news %d", k);
+        pp_stats a, b;
+        pp_server_stats(srv, &a);
+        CHECK_EQ(pp_server_publish(srv, "news", 4, m, strlen(m)), NSUB);
+        pp_server_stats(srv, &b);
+        CHECKF(b.wakeups - a.wakeups <= 1, "a publish woke the loop %llu times",
+               (unsigned long long)(b.wakeups - a.wakeups));
+    }
+    for (int i = 0; i < NSUB; i++)
+        for (int k = 0; k < NPUB; k++) {
+            snprintf(m, sizeof m, "news %d", k);
+            expect_reply(fds[i], &LENGTH4, m);
+        }
+    /* Unsubscribed: no more news; the last connection never subscribed. */
+    CHECK_EQ(pp_server_unsubscribe(srv, ids[1], "news", 4), 0);
+    CHECK_EQ(pp_server_publish(srv, "news", 4, "late", 4), NSUB - 1);
+    CHECK_EQ(pp_server_broadcast(srv, "all", 3), NSUB + 1);
+    for (int i = 0; i <= NSUB; i++) {
+        if (i != 1 && i < NSUB)
+            expect_reply(fds[i], &LENGTH4, "late");
+        expect_reply(fds[i], &LENGTH4, "all");
+    }
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.pushes, (uint64_t)NSUB * NPUB + (NSUB - 1) + NSUB + 1);
+    /* A connection that goes: pushes to it fail, its topics forget it. */
+    close(fds[2]);
+    int64_t until = now_ms() + 10000;
+    while (pp_server_send(srv, ids[2], "x", 1) == 0)
+        CHECK(now_ms() < until);
+    CHECK_EQ(pp_server_send(srv, ids[2], "x", 1), -ENOTCONN);
+    CHECK_EQ(pp_server_publish(srv, "news", 4, "after", 5), NSUB - 2);
+    for (int i = 0; i <= NSUB; i++)
+        if (i != 2)
+            close(fds[i]);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+}
+
+/* A subscriber that never reads is closed (or its pushes dropped) at
+ * push_limit, and its queue never grows past it. */
+static void test_push_limit(int drop)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, NULL);
+    cfg.push_limit = 256 * 1024;
+    cfg.push_overflow = drop ? PP_PUSH_DROP : PP_PUSH_CLOSE;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int slow = client_connect_buf(port, 4096), fast = client_connect(port);
+    uint64_t slow_id = ask_id(slow), fast_id = ask_id(fast);
+    static unsigned char msg[16384];
+    memset(msg, 'm', sizeof msg);
+    int refused = 0;
+    for (int k = 0; k < 400; k++) {
+        int rc = pp_server_send(srv, slow_id, msg, sizeof msg);
+        if (rc < 0) {
+            CHECKF(rc == -ENOBUFS || (!drop && rc == -ENOTCONN), "send: %d", rc);
+            refused++;
+        }
+        long long pending = pp_server_pending(srv, slow_id);
+        CHECKF(pending < 0 || pending <= 256 * 1024 + 65536, "pending %lld", pending);
+        CHECK_EQ(pp_server_send(srv, fast_id, "f", 1), 0);
+        unsigned char b[8];
+        CHECK_EQ(recv_frame4(fast, b, sizeof b), 1);
+    }
+    CHECK(refused > 0);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    if (drop) {
+        CHECK(st.push_drops > 0);
+        CHECK_EQ(st.push_overflow_closes, 0);
+        CHECK(pp_server_pending(srv, slow_id) >= 0); /* still open */
+    } else {
+        CHECK_EQ(st.push_overflow_closes, 1);
+        wait_stat(srv, offsetof(pp_stats, closed), "closed", 1, 1);
+        CHECK_EQ(pp_server_send(srv, slow_id, "x", 1), -ENOTCONN);
+    }
+    close(slow);
+    close(fast);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+}
+
+/* close from another thread while the connection's task is in flight: the
+ * task's replies, then what was pushed, then EOF. */
+static void test_close_from_another_thread(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, NULL);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    uint64_t id = ask_id(a);
+    send_str(a, &LENGTH4, "block");
+    while (sem_wait(&H.entered) != 0)
+        CHECK(errno == EINTR);
+    send_str(a, &LENGTH4, "after"); /* not part of the task in flight */
+    CHECK_EQ(pp_server_send(srv, id, "pushed", 6), 0);
+    CHECK_EQ(pp_server_close_conn(srv, id), 0);
+    CHECK_EQ(pp_server_send(srv, id, "too late", 8), -ENOTCONN);
+    sem_post(&H.gate);
+    expect_reply(a, &LENGTH4, "UNBLOCKED");
+    expect_reply(a, &LENGTH4, "pushed");
+    expect_eof(a); /* "after" came after the close: not handled */
+    close(a);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+}
+
+/* Pushes queued before a stop are delivered, before the shutdown message;
+ * pushes after it are refused. */
+static void test_pushes_then_stop(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, "bye");
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    uint64_t id = ask_id(a);
+    char m[32];
+    for (int k = 0; k < 100; k++) {
+        snprintf(m, sizeof m, "push %d", k);
+        CHECK_EQ(pp_server_send(srv, id, m, strlen(m)), 0);
+    }
+    pp_server_stop(srv, 0);
+    for (int k = 0; k < 100; k++) {
+        snprintf(m, sizeof m, "push %d", k);
+        expect_reply(a, &LENGTH4, m);
+    }
+    expect_reply(a, &LENGTH4, "bye");
+    expect_eof(a);
+    CHECK_EQ(pp_server_send(srv, id, "x", 1), -ENOTCONN);
+    close(a);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECK(!pp_server_was_forced(srv));
+    pp_server_free(srv);
+}
+
 static void test_connection_events(void)
 {
     alarm(120);
@@ -2280,6 +2610,12 @@ int main(int argc, char **argv)
     RUN("failed_partial_length", test_failed_handler_sends_no_partial_reply(&LENGTH4));
     RUN("huge_max_size", test_huge_max_size_does_not_wrap());
     RUN("free_without_run", test_free_without_run());
+    RUN("push_from_threads", test_push_from_threads());
+    RUN("publish_and_broadcast", test_publish_and_broadcast());
+    RUN("push_limit_close", test_push_limit(0));
+    RUN("push_limit_drop", test_push_limit(1));
+    RUN("close_from_another_thread", test_close_from_another_thread());
+    RUN("pushes_then_stop", test_pushes_then_stop());
     RUN("on_worker", test_on_worker());
     RUN("oversize_line", test_oversize_line());
     RUN("oversize_header4", test_oversize_length_header(4));
