@@ -202,6 +202,7 @@ struct pp_server {
     int push_closed;            /* draining: pushes are refused */
     int push_mu_init;
     pp_pushstats push_stats;
+    pp_services services;       /* what native handlers push through */
 
     pthread_t io_thread;
     int io_thread_started;
@@ -226,6 +227,8 @@ int pp__push_register(pp_server *srv, pp_conn *c);
 /* Takes c out of the registry and its topics, dropping its outbox: pushes to
  * it fail from here on.  I/O thread; idempotent. */
 void pp__push_unregister(pp_server *srv, pp_conn *c);
+/* Fills srv->services (pollpool.h's pp_services). */
+void pp__push_services_init(pp_server *srv);
 /* Refuses every push from now on (the drain began).  I/O thread. */
 void pp__push_close(pp_server *srv);
 /* The connections with pushes or requests waiting, chained by push_next, or

@@ -19,8 +19,12 @@
 extern "C" {
 #endif
 
-/* Bumped whenever struct pp_reply or the handler signature changes. */
-#define POLLPOOL_ABI_VERSION 1
+/* Bumped whenever struct pp_reply or the handler signature changes.  Version 2
+ * appends pp_reply.services (pushes from any thread); a library built for
+ * version 1 sees the same struct up to there and works unchanged. */
+#define POLLPOOL_ABI_VERSION 2
+/* The oldest ABI version this header's server still loads. */
+#define POLLPOOL_ABI_MIN 1
 
 /* Handler return values.  Any value < 0 is an error: it is counted in the
  * server's stats and the connection is closed after the replies already
@@ -33,6 +37,31 @@ enum {
 
 typedef struct pp_reply pp_reply;
 
+/* What a native handler may do at any time, from any thread (ABI 2): the
+ * server's push services.  Owned by pollpool; valid from the first call a
+ * handler or hook gets until the server is freed, so a thread of yours that
+ * pushes must be stopped before that (in Python: before Server.stop()
+ * returns).  Every function copies data, frames it like a reply, and returns
+ * without waiting for any socket; pushes from one thread to one connection
+ * arrive in the order made.  Fill nothing in yourself: use the inline
+ * functions below. */
+typedef struct pp_services {
+    int abi_version;        /* POLLPOOL_ABI_VERSION of the server, >= 2 */
+    void *server;           /* private to pollpool */
+    /* 0, or -ENOTCONN (gone, closing, server draining), -ENOBUFS (push_limit),
+     * -EMSGSIZE, -ENOMEM */
+    int (*send)(void *server, uint64_t conn_id, const void *data, size_t len);
+    /* recipients queued, or -errno */
+    long (*broadcast)(void *server, const void *data, size_t len);
+    long (*publish)(void *server, const void *topic, size_t topic_len,
+                    const void *data, size_t len);
+    /* 0, -ENOTCONN or -ENOMEM */
+    int (*subscribe)(void *server, uint64_t conn_id, const void *topic, size_t topic_len);
+    int (*unsubscribe)(void *server, uint64_t conn_id, const void *topic, size_t topic_len);
+    /* close once what is queued is sent: 0 or -ENOTCONN */
+    int (*close)(void *server, uint64_t conn_id);
+} pp_services;
+
 /* The write side of the reply to one message.  Owned by pollpool and valid only
  * during the handler call that received it; never keep the pointer. */
 struct pp_reply {
@@ -43,6 +72,8 @@ struct pp_reply {
     uint64_t conn_id;
     /* Private to pollpool. */
     void *impl;
+    /* ABI 2: the server's push services (see pp_services). */
+    const pp_services *services;
 };
 
 /* Appends len bytes to the reply of the current message; data is copied, so the
@@ -60,6 +91,53 @@ static inline int pp_reply_write(pp_reply *reply, const void *data, size_t len)
 static inline uint64_t pp_reply_conn_id(const pp_reply *reply)
 {
     return reply->conn_id;
+}
+
+/* ABI 2.  The server's services, to keep and use from any thread (see
+ * pp_services for how long).  Call only with a reply of this call. */
+static inline const pp_services *pp_reply_services(const pp_reply *reply)
+{
+    return reply->services;
+}
+
+/* Queues data, framed like a reply, to connection conn_id: 0 or -errno as in
+ * pp_services.send.  Any thread. */
+static inline int pp_push(const pp_services *s, uint64_t conn_id, const void *data,
+                          size_t len)
+{
+    return s->send(s->server, conn_id, data, len);
+}
+
+/* Queues data to every open connection; returns how many took it. */
+static inline long pp_broadcast(const pp_services *s, const void *data, size_t len)
+{
+    return s->broadcast(s->server, data, len);
+}
+
+/* Queues data to every connection subscribed to topic; returns how many. */
+static inline long pp_publish(const pp_services *s, const void *topic, size_t topic_len,
+                              const void *data, size_t len)
+{
+    return s->publish(s->server, topic, topic_len, data, len);
+}
+
+/* Subscribes or unsubscribes connection conn_id to or from topic. */
+static inline int pp_subscribe(const pp_services *s, uint64_t conn_id, const void *topic,
+                               size_t topic_len)
+{
+    return s->subscribe(s->server, conn_id, topic, topic_len);
+}
+
+static inline int pp_unsubscribe(const pp_services *s, uint64_t conn_id,
+                                 const void *topic, size_t topic_len)
+{
+    return s->unsubscribe(s->server, conn_id, topic, topic_len);
+}
+
+/* Closes connection conn_id once what is queued for it is sent. */
+static inline int pp_close_conn(const pp_services *s, uint64_t conn_id)
+{
+    return s->close(s->server, conn_id);
 }
 
 /* A native handler.  ctx is the pointer given when the handler was registered;

@@ -530,3 +530,50 @@ unsigned pp__push_take(pp_server *srv, pp_conn *c, int requests)
     atomic_store_explicit(&c->out_pending, pp__conn_pending(c), memory_order_relaxed);
     return req;
 }
+
+/* ---- the native ABI's services (pollpool.h) ----------------------------- */
+
+static int svc_send(void *srv, uint64_t id, const void *data, size_t len)
+{
+    return pp_server_send(srv, id, data, len);
+}
+
+static long svc_broadcast(void *srv, const void *data, size_t len)
+{
+    return pp_server_broadcast(srv, data, len);
+}
+
+static long svc_publish(void *srv, const void *topic, size_t tlen, const void *data,
+                        size_t len)
+{
+    return pp_server_publish(srv, topic, tlen, data, len);
+}
+
+static int svc_subscribe(void *srv, uint64_t id, const void *topic, size_t tlen)
+{
+    return pp_server_subscribe(srv, id, topic, tlen);
+}
+
+static int svc_unsubscribe(void *srv, uint64_t id, const void *topic, size_t tlen)
+{
+    return pp_server_unsubscribe(srv, id, topic, tlen);
+}
+
+static int svc_close(void *srv, uint64_t id)
+{
+    return pp_server_close_conn(srv, id);
+}
+
+void pp__push_services_init(pp_server *srv)
+{
+    srv->services = (pp_services){
+        .abi_version = POLLPOOL_ABI_VERSION,
+        .server = srv,
+        .send = svc_send,
+        .broadcast = svc_broadcast,
+        .publish = svc_publish,
+        .subscribe = svc_subscribe,
+        .unsubscribe = svc_unsubscribe,
+        .close = svc_close,
+    };
+}

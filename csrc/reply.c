@@ -318,7 +318,8 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     pp_server *srv = arg;
     pp_conn *c = (pp_conn *)t; /* task_link is the first member */
     reply_impl ri = {.srv = srv, .conn = c};
-    pp_reply r = {.write = reply_write, .conn_id = c->id, .impl = &ri};
+    pp_reply r = {.write = reply_write, .conn_id = c->id, .impl = &ri,
+                  .services = &srv->services};
     uint64_t nmsg = 0;
     int st = PP_KEEP;
 

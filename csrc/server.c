@@ -195,6 +195,7 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
         goto fail;
     }
     srv->push_mu_init = 1;
+    pp__push_services_init(srv);
     /* Room for one largest frame plus its framing, and some pipelining;
      * saturated, so that a max_size near SIZE_MAX means "no limit" rather
      * than wrapping to a limit below the frames it allows. */

@@ -21,7 +21,8 @@ CDEF = """
 #define PP_BACKEND_POLL 0
 #define PP_BACKEND_EPOLL 1
 #define PP_MAX_DELIMITER 16
-#define POLLPOOL_ABI_VERSION 1
+#define POLLPOOL_ABI_VERSION 2
+#define POLLPOOL_ABI_MIN 1
 
 typedef struct pp_reply pp_reply;
 typedef int (*pp_handler_fn)(void *ctx, const unsigned char *msg, size_t len,

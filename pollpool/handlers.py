@@ -10,6 +10,9 @@ from ._core import ffi, lib
 
 #: The native handler ABI this pollpool implements (``POLLPOOL_ABI_VERSION``).
 ABI_VERSION: int = lib.POLLPOOL_ABI_VERSION
+#: The oldest ABI a library may be built for and still load (version 2 only
+#: appended to struct pp_reply).
+ABI_MIN: int = lib.POLLPOOL_ABI_MIN
 
 # dlopen()ed libraries are never closed: a worker may be inside one.
 _LIBRARIES: Dict[str, Any] = {}
@@ -127,10 +130,10 @@ class NativeHandler:
         version = _symbol(handle, "pollpool_abi_version")
         if version != ffi.NULL:
             found = ffi.cast("const int *", version)[0]
-            if found != ABI_VERSION:
+            if not ABI_MIN <= found <= ABI_VERSION:
                 raise ImportError(
                     f"{path} was built for pollpool native ABI version {found}, "
-                    f"but this pollpool implements version {ABI_VERSION}; rebuild it "
+                    f"but this pollpool implements versions {ABI_MIN} to {ABI_VERSION}; rebuild it "
                     f"against the pollpool.h in {_include_dir()}"
                 )
         on_open = _symbol(handle, symbol + "_open")
