@@ -98,7 +98,7 @@ def reserve(host: str, port: int) -> Tuple[List[socket.socket], int]:
 
 class _Child:
     __slots__ = ("slot", "pid", "sock", "lock", "buf", "seq", "last", "final", "forced",
-                 "born", "reaped")
+                 "born", "reaped", "stop_asked")
 
     def __init__(self, slot: int, pid: int, sock: socket.socket) -> None:
         self.slot = slot
@@ -112,6 +112,7 @@ class _Child:
         self.forced = False
         self.born = time.monotonic()
         self.reaped = False                # waited for: its pid may be reused
+        self.stop_asked = False            # its handler called stop()
 
 
 def _send(sock: socket.socket, msg: Dict[str, Any]) -> None:
@@ -309,7 +310,7 @@ class ProcessGroup:
                         log.exception("restarting server process %d failed", slot)
                         with self._io:
                             self._schedule(slot)
-                time.sleep(_TICK)
+                self._listen_children(_TICK)
         finally:
             self._supervising = False
             self._finish()
@@ -374,7 +375,43 @@ class ProcessGroup:
 
     # -- talking to children ---------------------------------------------
 
+    def _listen_children(self, timeout: float) -> None:
+        """Waits up to timeout for what children say unasked: a "stop" (their
+        handler called stop() on this server) stops the whole group."""
+        with self._io:
+            children = [c for c in self._children.values() if not c.reaped]
+        socks = {c.sock.fileno(): c for c in children if c.sock.fileno() >= 0}
+        if not socks:
+            time.sleep(timeout)
+            return
+        try:
+            ready, _, _ = select.select(list(socks), [], [], timeout)
+        except (OSError, ValueError):
+            return
+        for fd in ready:
+            child = socks[fd]
+            if not child.lock.acquire(blocking=False):
+                continue  # stats() is reading it; it hands on what it finds
+            try:
+                try:
+                    data = child.sock.recv(65536, socket.MSG_DONTWAIT)
+                except OSError:
+                    data = b""
+                child.buf += data
+                while b"\n" in child.buf:
+                    line, child.buf = child.buf.split(b"\n", 1)
+                    self._handle(child, json.loads(line))
+            finally:
+                child.lock.release()
+            if child.stop_asked:
+                child.stop_asked = False
+                self.request_stop()  # graceful; asking again changes nothing
+            if not data:
+                time.sleep(timeout)  # EOF: reaped soon; do not spin on it
+
     def _handle(self, child: _Child, msg: Dict[str, Any]) -> None:
+        if "stop" in msg:
+            child.stop_asked = True
         if "stats" in msg:
             child.last = msg["stats"]
         elif "final" in msg:
@@ -538,6 +575,10 @@ def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: in
     except OSError as e:
         send({"error": str(e), "errno": e.errno})
         return 3
+    # A handler that holds the parent's Server (the object the user made)
+    # talks to this process's server through it: pushes reach this process's
+    # connections, and stop() asks the parent to stop every process.
+    parent._in_child = (srv, lambda: send({"stop": True}))
 
     def answer() -> None:
         buf = b""

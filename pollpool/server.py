@@ -525,6 +525,9 @@ class Server:
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._serving = 0              # ident of the thread in serve_forever
+        # In a server process of processes=N: (its own Server, ask the parent
+        # to stop); see processes._child_main.
+        self._in_child: Optional[Tuple["Server", Callable[[], None]]] = None
         self._last_stats: Dict[str, int] = dict.fromkeys(STAT_FIELDS, 0)
         self._address: Optional[Tuple[str, int]] = None
         self._forced = False
@@ -803,7 +806,13 @@ class Server:
 
         Called from one of this server's handlers (or hooks), or from
         ``on_ready``, it starts the shutdown and returns at once with the
-        stats so far: it cannot wait for the task it runs in."""
+        stats so far: it cannot wait for the task it runs in.  In a server
+        process of ``processes=N`` (a handler holding this object), it asks
+        the parent to stop every process, and returns at once."""
+        if self._in_child is not None:
+            own, ask_parent = self._in_child
+            ask_parent()
+            return own.stats()
         with _uninterrupted():
             waiting = self._request_stop()
         if not waiting:
@@ -872,6 +881,8 @@ class Server:
         server is not running or draining, or ``push_limit`` refused it (the
         push is dropped, or the connection closed, per ``on_push_overflow``).
         Pushes from one thread to one connection arrive in the order made."""
+        if self._in_child is not None:
+            return self._in_child[0].send(conn_id, data)
         buf = _push_data(data)
         with self._lock:
             srv = self._srv
@@ -883,6 +894,8 @@ class Server:
     def broadcast(self, data: BytesLike) -> int:
         """Queues ``data`` to every open connection: one framed copy shared
         by all of them.  Returns how many took it.  Any thread."""
+        if self._in_child is not None:
+            return self._in_child[0].broadcast(data)
         buf = _push_data(data)
         with self._lock:
             srv = self._srv
@@ -894,6 +907,8 @@ class Server:
     def publish(self, topic: Union[str, bytes], data: BytesLike) -> int:
         """Queues ``data`` to every connection subscribed to ``topic``
         (:meth:`Connection.subscribe`); returns how many took it."""
+        if self._in_child is not None:
+            return self._in_child[0].publish(topic, data)
         t = _topic(topic)
         buf = _push_data(data)
         with self._lock:
@@ -907,6 +922,8 @@ class Server:
         """Closes connection ``conn_id`` once what was queued for it (the
         replies of a task in flight too) is sent.  Any thread; False if it
         is already gone or closing."""
+        if self._in_child is not None:
+            return self._in_child[0].close_connection(conn_id)
         with self._lock:
             srv = self._srv
             return srv is not None and lib.pp_server_close_conn(srv, conn_id) == 0

@@ -311,3 +311,40 @@ def test_interpreter_exit_stops_a_server_running_on_a_non_daemon_thread(tmp_path
     res = run_script(tmp_path, NON_DAEMON, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["connected", "served 1"], res.stdout
+
+
+STOP_FROM_CHILD_HANDLER = """
+    import json, sys, pollpool
+    srv = None
+
+    def handler(message):
+        if message == b"shutdown":
+            srv.stop()              # in a server process: asks the parent
+            return b"stopping"
+        n = srv.broadcast(b"hello all")   # this process's connections
+        return b"%d" % n
+
+    srv = pollpool.Server(handler, port=0, processes=2, drain_timeout=20,
+                          shutdown_message=b"goodbye")
+    stats = srv.serve_forever(on_ready=lambda: print("pollpool listening on %s:%d" % srv.address,
+                                                     flush=True))
+    print(json.dumps({"forced": srv.forced, **stats}), flush=True)
+"""
+
+
+def test_stop_and_pushes_from_a_handler_of_a_server_process(spawn, tmp_path):
+    script = write(tmp_path, "stop_from_child.py", STOP_FROM_CHILD_HANDLER)
+    child = spawn([str(script)])
+    address = child.wait_listening()
+    c = connect_retry(address)
+    c.send(b"x\n")
+    # The task's reply, then the push its handler made (pushes made in a
+    # handler go after the task's replies).
+    assert c.recv_message() == b"1"
+    assert c.recv_message() == b"hello all"
+    c.send(b"shutdown\n")
+    assert wait_closed(c, 20) == b"stopping\ngoodbye\n"
+    c.close()
+    assert child.wait(30) == 0, child.stderr()
+    stats = json.loads(child.lines[-1])
+    assert stats["forced"] is False and stats["restarts"] == 0, stats
