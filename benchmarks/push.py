@@ -44,6 +44,9 @@ SCENARIOS = {
     "threads4x100": ("threads", 100, 2500, 4 * 100 * 2500, 0.0, 0.0),
     "chat1k": ("chat", 1000, 0, 0, 2.0, 5.0),
 }
+#: The slow-subscriber check: pollpool against itself, 100 readers of 64 KiB
+#: broadcasts at 50/s, without and with one subscriber that never reads.
+SLOW = ("feed", 100, 250, 100 * 250, 0.0, 0.0)
 
 
 def build() -> str:
@@ -61,8 +64,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_one(sink: str, scenario: str, impl: str, pin: bool) -> dict:
-    mode, nconn, count, expect, rate, secs = SCENARIOS[scenario]
+def run_one(sink: str, scenario: str, impl: str, pin: bool, stalled: int = 0) -> dict:
+    mode, nconn, count, expect, rate, secs = SCENARIOS[scenario] if scenario in SCENARIOS \
+        else SLOW
     cmd = [PY, os.path.join(HERE, "peers", "push_server.py"), "--impl", impl, "--mode", mode,
            "--count", str(count)]
     if pin:
@@ -75,7 +79,8 @@ def run_one(sink: str, scenario: str, impl: str, pin: bool) -> dict:
             scmd += [str(rate), str(secs)]
         if pin:
             scmd = ["taskset", "-c", "1"] + scmd
-        client = subprocess.Popen(scmd, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ, PUSHSINK_STALLED=str(stalled))
+        client = subprocess.Popen(scmd, stdout=subprocess.PIPE, text=True, env=env)
         assert client.stdout.readline().strip() == "connected"
         time.sleep(0.3)  # the last greetings' tasks are done
         cpu0 = cpu_seconds(server.pid)
@@ -101,11 +106,13 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--name", default=None)
+    p.add_argument("--slow", action="store_true",
+                   help="also: readers' latency with and without a subscriber that never reads")
     p.add_argument("--wakeups", action="store_true",
                    help="also measure pollpool's wake-fd writes per push (in-process)")
     args = p.parse_args()
     sink = build()
-    scenarios = args.scenarios.split(",")
+    scenarios = [s for s in args.scenarios.split(",") if s]
     runs: List[dict] = []
     for rep in range(args.repeats):
         for sc in scenarios:
@@ -140,6 +147,27 @@ def main() -> int:
             }
         summary[sc] = row
     wake = measure_wakeups() if args.wakeups else None
+    slow = None
+    if args.slow:
+        pairs = []
+        for rep in range(args.repeats):
+            order = [0, 1] if rep % 2 == 0 else [1, 0]
+            got = {}
+            for stalled in order:
+                r = run_one(sink, "slow", "pollpool", not args.no_pin, stalled)
+                r.update(scenario="slow", impl=f"pollpool+{stalled}stalled", repeat=rep)
+                runs.append(r)
+                got[stalled] = r
+                print(f"slow feed      stalled={stalled} rep {rep}: p50 {r['p50_us']:.0f} us  "
+                      f"p99 {r['p99_us']:.0f} us  delivered {r['delivered']}/{r['expected']}  "
+                      f"order errors {r['bad_order']}", flush=True)
+            pairs.append(got[1]["p99_us"] / max(got[0]["p99_us"], 1))
+        slow = {"p99_without": statistics.median(r["p99_us"] for r in runs
+                                                 if r["impl"] == "pollpool+0stalled"),
+                "p99_with": statistics.median(r["p99_us"] for r in runs
+                                              if r["impl"] == "pollpool+1stalled"),
+                "ratio": statistics.median(pairs),
+                "ci90": median_ci(pairs) if len(pairs) >= 3 else None}
     meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"),
             "python": platform.python_version(), "machine": platform.machine(),
             "kernel": platform.release(), "cpus": os.cpu_count(), "repeats": args.repeats,
@@ -149,13 +177,13 @@ def main() -> int:
         meta["uvloop"] = uvloop.__version__
     except ImportError:  # pragma: no cover
         pass
-    print(json.dumps({"summary": summary, "wakeups": wake}, indent=1))
+    print(json.dumps({"summary": summary, "wakeups": wake, "slow": slow}, indent=1))
     if args.name:
         os.makedirs(RESULTS, exist_ok=True)
         with open(os.path.join(RESULTS, args.name + ".json"), "w") as f:
-            json.dump({"meta": meta, "runs": runs, "summary": summary, "wakeups": wake}, f,
-                      indent=1)
-        write_md(os.path.join(RESULTS, args.name + ".md"), meta, summary, wake)
+            json.dump({"meta": meta, "runs": runs, "summary": summary, "wakeups": wake,
+                       "slow": slow}, f, indent=1)
+        write_md(os.path.join(RESULTS, args.name + ".md"), meta, summary, wake, slow)
     return 0
 
 
@@ -208,7 +236,8 @@ def measure_wakeups() -> dict:
     return {"pushes": pushes, "wakeups": wakeups, "per_push": wakeups / max(pushes, 1)}
 
 
-def write_md(path: str, meta: dict, summary: dict, wake: Optional[dict]) -> None:
+def write_md(path: str, meta: dict, summary: dict, wake: Optional[dict],
+             slow: Optional[dict] = None) -> None:
     lines = [f"# Push benchmarks, {meta['date']}", "",
              f"Python {meta['python']}, uvloop {meta.get('uvloop')}, kernel {meta['kernel']}, "
              f"{meta['cpus']} CPUs, {meta['repeats']} repeats, "
@@ -227,6 +256,13 @@ def write_md(path: str, meta: dict, summary: dict, wake: Optional[dict]) -> None
     if wake:
         lines += ["", f"Wake-fd writes: {wake['wakeups']} for {wake['pushes']} pushes from 4 "
                       f"threads to 100 connections ({wake['per_push']:.5f} per push)."]
+    if slow:
+        ci = slow["ci90"]
+        lines += ["", "Slow subscriber (pollpool alone): 100 readers of 64 KiB broadcasts at 50/s; "
+                      f"their delivery p99 {slow['p99_without']:.0f} µs without and "
+                      f"{slow['p99_with']:.0f} µs with one subscriber that never reads "
+                      f"(ratio {slow['ratio']:.2f}, 90% CI "
+                      f"{'' if not ci else f'{ci[0]:.2f}–{ci[1]:.2f}'})."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -13,6 +13,8 @@
  *
  * Stops when EXPECT messages have arrived in all (0: at the end of the chat
  * duration plus a second to drain), or at TIMEOUT_S.  Prints one JSON line.
+ * PUSHSINK_STALLED=N opens N more connections, with 4 KiB receive buffers,
+ * that are greeted and then never read again: slow subscribers.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -119,6 +121,21 @@ int main(int argc, char **argv)
         return 1;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, host, &sa.sin_addr);
+    const char *stalled_env = getenv("PUSHSINK_STALLED");
+    int stalled = stalled_env ? atoi(stalled_env) : 0;
+    for (int i = 0; i < stalled; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        int small = 4096;
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+            fprintf(stderr, "connect stalled %d: %s\n", i, strerror(errno));
+            return 1;
+        }
+        char greeting[16];
+        if (recv(fd, greeting, sizeof greeting, 0) <= 0)
+            return 1;
+        /* kept open, never read again */
+    }
     for (int i = 0; i < nconn; i++) {
         int fd = socket(AF_INET, SOCK_STREAM, 0);
         if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
@@ -201,13 +218,11 @@ int main(int argc, char **argv)
                 while (off < (size_t)k) {
                     unsigned char *nl = memchr(rbuf + off, '\n', (size_t)k - off);
                     size_t piece = nl ? (size_t)(nl - (rbuf + off)) : (size_t)k - off;
-                    if (c->len + piece > sizeof c->buf) {
-                        bad_format++;
-                        c->len = 0;
-                    } else {
-                        memcpy(c->buf + c->len, rbuf + off, piece);
-                        c->len += piece;
-                    }
+                    /* Only the head of a message is parsed: keep what fits. */
+                    size_t keep = sizeof c->buf - c->len < piece ? sizeof c->buf - c->len
+                                                                 : piece;
+                    memcpy(c->buf + c->len, rbuf + off, keep);
+                    c->len += keep;
                     if (nl == NULL) {
                         off = (size_t)k;
                         break;

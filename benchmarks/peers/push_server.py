@@ -12,6 +12,8 @@ Every connection is greeted with "ready".  Then, once "go" arrives on stdin:
              call_soon_threadsafe(transport.write, msg) per message);
   chat       no "go": each line a client sends goes to every connection of
              its room (connection index modulo --rooms).
+  feed       one thread broadcasts --count 64 KiB messages, 50 a second
+             (pollpool only: the slow-subscriber measurement).
 Messages start with "<monotonic ns>:<source>:<seq>:" for pushsink.c.  Prints
 "listening PORT" when ready and "pushed" when its pushing threads are done.
 """
@@ -28,6 +30,11 @@ import time
 def message(source: int, seq: int) -> bytes:
     head = b"%d:%d:%d:" % (time.monotonic_ns(), source, seq)
     return head + b"." * (63 - len(head))   # 64 bytes with the newline
+
+
+def big_message(seq: int) -> bytes:
+    head = b"%d:0:%d:" % (time.monotonic_ns(), seq)
+    return head + b"." * (65536 - len(head))
 
 
 def wait_go() -> None:
@@ -55,14 +62,20 @@ def run_pollpool(args) -> None:
             srv.publish(conn.state, msg)
             return None
 
+    # The throughput scenarios queue far ahead of the receiver, so their
+    # limit is high; the slow-subscriber feed keeps the default (1 MiB).
     srv = pollpool.Server(Handler(), port=0, threads=args.threads, backend="epoll",
-                          push_limit=64 << 20)
+                          **({} if args.mode == "feed" else {"push_limit": 64 << 20}))
 
     def pusher() -> None:
         wait_go()
         if args.mode == "broadcast":
             for k in range(args.count):
                 srv.broadcast(message(0, k))
+        elif args.mode == "feed":
+            for k in range(args.count):
+                srv.broadcast(big_message(k))
+                time.sleep(0.02)
         elif args.mode == "threads":
             targets = ids[:100]
 
@@ -158,7 +171,7 @@ def run_uvloop(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["pollpool", "uvloop"], required=True)
-    p.add_argument("--mode", choices=["broadcast", "threads", "chat"], required=True)
+    p.add_argument("--mode", choices=["broadcast", "threads", "chat", "feed"], required=True)
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--rooms", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
