@@ -297,7 +297,10 @@ srv.serve_forever(on_ready=lambda: print("pollpool listening on %s:%d" % srv.add
 def test_a_subscriber_that_never_reads_is_cut_at_push_limit_and_costs_no_memory(
         spawn, tmp_path, backend):
     import json
-    limit, n = 1 << 20, 150
+    # 10 s of 64 KiB publishes at 50/s; a limit that a Python reader on a busy
+    # 2-core machine never hits (1 MiB is 16 publishes: a hiccup), while the
+    # reader that never reads passes it within the first seconds.
+    limit, n = 8 << 20, 500
     script = tmp_path / "server.py"
     script.write_text(SLOW_SUBSCRIBER_SERVER)
     child = spawn([str(script), str(n), str(limit)])
