@@ -51,6 +51,7 @@ enum {
     PP_P_CLOSE_REQ = 1 << 1,   /* close asked from outside: after what is queued */
     PP_P_OVERFLOW = 1 << 2,    /* passed push_limit with on_push_overflow=close */
     PP_P_NOMEM = 1 << 3,       /* (returned by pp__push_take only) pushes lost */
+    PP_P_CLOSING = 1 << 4,     /* closing (any reason): no new pushes, for good */
 };
 
 typedef struct pp_topic pp_topic;
@@ -106,6 +107,11 @@ typedef struct pp_conn {
     atomic_size_t push_queued;  /* push bytes queued and not yet sent */
     atomic_size_t out_pending;  /* output bytes as its owner last saw them */
 } pp_conn;
+
+static inline size_t pp__min_size(size_t a, size_t b)
+{
+    return a < b ? a : b;
+}
 
 /* Output not yet sent: the shared segments, then the open reply buffer.
  * Called by the owner of c's output. */
@@ -229,6 +235,9 @@ int pp__push_register(pp_server *srv, pp_conn *c);
 void pp__push_unregister(pp_server *srv, pp_conn *c);
 /* Fills srv->services (pollpool.h's pp_services). */
 void pp__push_services_init(pp_server *srv);
+/* Refuses every push to c from now on (it is closing); those queued before
+ * still go out.  The owner of c's output. */
+void pp__push_refuse(pp_server *srv, pp_conn *c);
 /* Refuses every push from now on (the drain began).  I/O thread. */
 void pp__push_close(pp_server *srv);
 /* The connections with pushes or requests waiting, chained by push_next, or

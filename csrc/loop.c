@@ -421,12 +421,15 @@ static int conn_all_acked(const pp_conn *c)
 }
 
 static void conn_read(pp_server *srv, pp_conn *c);
+static void conn_set_closing(pp_server *srv, pp_conn *c);
 
 /* Shuts our write side, then closes once the peer has everything or closes
  * too.  Closing at once with the peer still sending would answer with RST,
  * and an RST may destroy replies the peer has not received yet. */
 static void conn_linger(pp_server *srv, pp_conn *c)
 {
+    /* Our FIN goes now: nothing may be queued after it. */
+    pp__push_unregister(srv, c);
     if (shutdown(c->fd, SHUT_WR) < 0) {
         conn_close(srv, c);
         return;
@@ -595,7 +598,8 @@ static void conn_dispatch(pp_server *srv, pp_conn *c)
 /* Queues the shutdown message and marks c to close once it is sent. */
 static void conn_goodbye(pp_server *srv, pp_conn *c)
 {
-    c->flags |= PP_C_GOODBYE | PP_C_CLOSE;
+    c->flags |= PP_C_GOODBYE;
+    conn_set_closing(srv, c);
     if (srv->shutdown_msg == NULL)
         return;
     if (pp__frame_append(&srv->framing, &c->out, srv->shutdown_msg,
@@ -624,6 +628,20 @@ static void conn_flush(pp_server *srv, pp_conn *c)
 }
 
 static void conn_progress(pp_server *srv, pp_conn *c);
+static void conn_take_pushes(pp_server *srv, pp_conn *c);
+
+/* c is to close once its output is sent: from here no push is taken for it,
+ * so none can put the close off or, after our FIN, fail and cut it; the
+ * pushes queued before still go out. */
+static void conn_set_closing(pp_server *srv, pp_conn *c)
+{
+    if (c->flags & PP_C_CLOSE)
+        return;
+    c->flags |= PP_C_CLOSE;
+    pp__push_refuse(srv, c);
+    if (atomic_load_explicit(&c->outbox_has, memory_order_relaxed))
+        conn_take_pushes(srv, c);
+}
 
 /* Takes c's pushes into its output and acts on requests from other threads
  * (close, overflow).  Only while no task is in flight: the worker owns the
@@ -638,7 +656,7 @@ static void conn_take_pushes(pp_server *srv, pp_conn *c)
     if (req & PP_P_OVERFLOW)
         c->flags |= PP_C_BROKEN; /* counted by the producer */
     if (req & PP_P_CLOSE_REQ)
-        c->flags |= PP_C_CLOSE;
+        c->flags |= PP_C_CLOSE; /* pushes are refused already: CLOSING is set */
 }
 
 /* Every connection with pushes or requests since the last round: sent at
@@ -649,7 +667,7 @@ static void take_pushes(pp_server *srv)
     while (c != NULL) {
         pp_conn *next = c->push_next; /* progress may free c, and only c */
         c->push_next = NULL;
-        if (!(c->flags & (PP_C_IN_FLIGHT | PP_C_RETIRING))) {
+        if (!(c->flags & (PP_C_IN_FLIGHT | PP_C_RETIRING | PP_C_LINGER))) {
             conn_take_pushes(srv, c);
             if (!(c->flags & PP_C_BROKEN) && pp__conn_pending(c) > 0)
                 conn_flush(srv, c);
@@ -677,6 +695,15 @@ static void conn_progress(pp_server *srv, pp_conn *c)
     }
     /* Output above the high-water mark holds back the next task as well as
      * reading: each task may add as much output again. */
+    /* Pushes queued before this task go before its replies, and a close
+     * asked before it means the task is not run. */
+    if (c->in_framed > 0 && atomic_load_explicit(&c->outbox_has, memory_order_relaxed)) {
+        conn_take_pushes(srv, c);
+        if (c->flags & PP_C_BROKEN) {
+            conn_close(srv, c);
+            return;
+        }
+    }
     if (!(c->flags & PP_C_CLOSE) && c->in_framed > 0 &&
         pp__conn_pending(c) <= srv->cfg.output_high_water) {
         conn_dispatch(srv, c);
@@ -735,7 +762,7 @@ static void on_complete(pp_server *srv, pp_conn *c)
     if (c->send_error)
         c->flags |= PP_C_BROKEN;
     else if (c->status != PP_KEEP)
-        c->flags |= PP_C_CLOSE; /* PP_CLOSE or an error: send what is there */
+        conn_set_closing(srv, c); /* PP_CLOSE or an error: send what is there */
     if (srv->forcing)
         c->flags |= PP_C_BROKEN;
     /* Requests and pushes that came while the task ran go after its replies. */
@@ -747,7 +774,10 @@ static void on_complete(pp_server *srv, pp_conn *c)
         c->flags |= PP_C_BROKEN; /* the worker stopped at output_limit, counted */
     } else if (pending == 0) {
         pp__buf_reset(&c->out, PP_KEEP_BUF);
-    } else if (srv->cfg.output_limit && pending > srv->cfg.output_limit) {
+    } else if (srv->cfg.output_limit &&
+               pending - pp__min_size(pending, atomic_load_explicit(
+                             &c->push_queued, memory_order_relaxed)) > srv->cfg.output_limit) {
+        /* Replies only: pushes have push_limit. */
         /* Reading already stops at the high-water mark; only a handler whose
          * replies dwarf its input gets here (the worker checks as it goes,
          * every 64 KiB of output). */
@@ -847,7 +877,7 @@ static void check_timers(pp_server *srv, int64_t now)
         pp__list_unlink(&c->timer);
         c->timer_list = NULL;
         pp__stat_add(&srv->stats.idle_closes, 1);
-        c->flags |= PP_C_CLOSE; /* lingers: not on the idle list again */
+        conn_set_closing(srv, c); /* lingers: not on the idle list again */
         conn_progress(srv, c);
     }
 }
@@ -886,6 +916,7 @@ static void begin_force(pp_server *srv)
     srv->accept_retry_at = 0;
     atomic_store(&srv->forced, 1);
     srv->force_deadline = pp__now_ms() + PP_FORCE_GRACE_MS;
+    pp__push_close(srv);
     if (!srv->draining) {
         listeners_close(srv);
         srv->draining = 1;

@@ -291,12 +291,17 @@ static int do_list(pp_server *srv, pp_conn *c)
 }
 
 /* Queues a reference to sh for c (the caller holds one for it to take).
- * Returns 0, -ENOTCONN, -ENOBUFS (dropped, or c closes, by push_limit) or
- * -ENOMEM.  *wake is set when the I/O thread must be woken. */
+ * Returns 0 (the reference is c's now), 1 (accepted with nothing to send:
+ * an empty raw frame; the reference stays the caller's), -ENOTCONN, -ENOBUFS
+ * (dropped, or c closes, by push_limit) or -ENOMEM.  *wake is set when the
+ * I/O thread must be woken. */
 static int do_push(pp_server *srv, pp_conn *c, pp_shared *sh, int *wake)
 {
-    if (!(c->push_flags & PP_P_REG) || (c->push_flags & (PP_P_OVERFLOW | PP_P_CLOSE_REQ)))
+    if (!(c->push_flags & PP_P_REG) ||
+        (c->push_flags & (PP_P_OVERFLOW | PP_P_CLOSE_REQ | PP_P_CLOSING)))
         return -ENOTCONN;
+    if (sh->len == 0)
+        return 1; /* a zero-byte segment would make a zero-byte sendmsg() */
     size_t limit = srv->cfg.push_limit;
     size_t queued = atomic_load_explicit(&c->push_queued, memory_order_relaxed);
     if (limit && (sh->len > limit || queued > limit - sh->len)) {
@@ -338,25 +343,21 @@ int pp_server_send(pp_server *srv, uint64_t id, const void *data, size_t len)
         rc = do_push(srv, c, sh, &wake);
     pthread_mutex_unlock(&srv->push_mu);
     notify(srv, wake);
-    if (rc < 0)
+    if (rc != 0)
         pp__shared_unref(sh);
-    return rc;
+    return rc > 0 ? 0 : rc;
 }
 
-/* Queues sh to every member of the list the caller picks (cursor over
- * pointers).  Returns how many got it. */
-static long fan_out(pp_server *srv, pp_shared *sh, pp_conn *const *members, size_t n,
-                    int *wake)
+/* One recipient of a fan-out: a reference of its own to the shared frame.
+ * Returns 1 if c took it. */
+static int fan_out_one(pp_server *srv, pp_conn *c, pp_shared *sh, int *wake)
 {
-    long got = 0;
-    for (size_t i = 0; i < n; i++) {
-        pp__shared_ref(sh);
-        if (do_push(srv, members[i], sh, wake) == 0)
-            got++;
-        else
-            pp__shared_unref(sh);
-    }
-    return got;
+    pp__shared_ref(sh);
+    int rc = do_push(srv, c, sh, wake);
+    if (rc == 0)
+        return 1;
+    pp__shared_unref(sh);
+    return rc > 0;
 }
 
 long pp_server_publish(pp_server *srv, const void *topic, size_t tlen, const void *data,
@@ -371,7 +372,8 @@ long pp_server_publish(pp_server *srv, const void *topic, size_t tlen, const voi
     pp_topic *t = srv->push_closed ? NULL : do_find_topic(srv, topic, tlen);
     if (t != NULL) {
         /* do_push() never changes membership, so the array stays put. */
-        got = fan_out(srv, sh, t->members, t->n, &wake);
+        for (size_t i = 0; i < t->n; i++)
+            got += fan_out_one(srv, t->members[i], sh, &wake);
     }
     pthread_mutex_unlock(&srv->push_mu);
     notify(srv, wake);
@@ -388,13 +390,8 @@ long pp_server_broadcast(pp_server *srv, const void *data, size_t len)
     long got = 0;
     pthread_mutex_lock(&srv->push_mu);
     if (!srv->push_closed) {
-        for (pp_link *l = srv->registry.next; l != &srv->registry; l = l->next) {
-            pp__shared_ref(sh);
-            if (do_push(srv, PP_CONTAINER(l, pp_conn, reg_link), sh, &wake) == 0)
-                got++;
-            else
-                pp__shared_unref(sh);
-        }
+        for (pp_link *l = srv->registry.next; l != &srv->registry; l = l->next)
+            got += fan_out_one(srv, PP_CONTAINER(l, pp_conn, reg_link), sh, &wake);
     }
     pthread_mutex_unlock(&srv->push_mu);
     notify(srv, wake);
@@ -407,8 +404,8 @@ int pp_server_close_conn(pp_server *srv, uint64_t id)
     int wake = 0, rc = -ENOTCONN;
     pthread_mutex_lock(&srv->push_mu);
     pp_conn *c = do_find(srv, id);
-    if (c != NULL && !(c->push_flags & (PP_P_OVERFLOW | PP_P_CLOSE_REQ))) {
-        c->push_flags |= PP_P_CLOSE_REQ;
+    if (c != NULL && !(c->push_flags & (PP_P_OVERFLOW | PP_P_CLOSE_REQ | PP_P_CLOSING))) {
+        c->push_flags |= PP_P_CLOSE_REQ | PP_P_CLOSING;
         wake = do_list(srv, c);
         rc = 0;
     }
@@ -461,6 +458,14 @@ long long pp_server_pending(pp_server *srv, uint64_t id)
 
 /* ---- consuming ---------------------------------------------------------- */
 
+void pp__push_refuse(pp_server *srv, pp_conn *c)
+{
+    pthread_mutex_lock(&srv->push_mu);
+    if (c->push_flags & PP_P_REG)
+        c->push_flags |= PP_P_CLOSING;
+    pthread_mutex_unlock(&srv->push_mu);
+}
+
 void pp__push_close(pp_server *srv)
 {
     pthread_mutex_lock(&srv->push_mu);
@@ -496,7 +501,7 @@ unsigned pp__push_take(pp_server *srv, pp_conn *c, int requests)
     memset(&c->outbox, 0, sizeof c->outbox);
     req = c->push_flags & (PP_P_OVERFLOW | PP_P_CLOSE_REQ);
     if (requests)
-        c->push_flags &= ~PP_P_CLOSE_REQ; /* overflow stays: no more pushes */
+        c->push_flags &= ~PP_P_CLOSE_REQ; /* CLOSING and OVERFLOW stay: no more pushes */
     if (requests || req == 0)
         atomic_store_explicit(&c->outbox_has, 0, memory_order_relaxed);
     pthread_mutex_unlock(&srv->push_mu);

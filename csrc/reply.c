@@ -352,9 +352,12 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     /* Pushes made meanwhile (by this handler too) go after the task's
      * replies, in the same send. */
     if (atomic_load_explicit(&c->outbox_has, memory_order_relaxed) &&
-        (pp__push_take(srv, c, 0) & PP_P_NOMEM) && st >= 0) {
+        (pp__push_take(srv, c, 0) & PP_P_NOMEM)) {
+        /* Pushes were lost: none may follow the gap. */
+        pp__push_refuse(srv, c);
         pp__stat_add(&w->stats.nomem_errors, 1);
-        st = -ENOMEM;
+        if (st >= 0)
+            st = -ENOMEM;
     }
     if (c->send_error == 0 && pp__conn_pending(c) > 0) {
         int rc = pp__conn_flush(c, &ri.sent);

@@ -170,6 +170,12 @@ static int upper_handler(void *ctx, const unsigned char *msg, size_t len,
     }
     if (is(msg, len, "silent"))
         return PP_KEEP;
+    if (is(msg, len, "bigquit")) {
+        /* 1 MiB, then close: the whole of it must reach a slow reader. */
+        static unsigned char mib[1 << 20];
+        memset(mib, 'B', sizeof mib);
+        return pp_reply_write(reply, mib, sizeof mib) < 0 ? -1 : PP_CLOSE;
+    }
     if (is(msg, len, "partialfail")) {
         /* Half a reply, then an error: none of it may leave. */
         CHECK_EQ(pp_reply_write(reply, "BALANCE=", 8), 0);
@@ -2430,6 +2436,162 @@ static void test_pushes_then_stop(void)
     pp_server_free(srv);
 }
 
+typedef struct spammer {
+    pp_server *srv;
+    uint64_t id;
+    atomic_int stop;
+    atomic_int accepted, refused;
+} spammer;
+
+static void *spam_main(void *arg)
+{
+    spammer *sp = arg;
+    while (!atomic_load(&sp->stop)) {
+        int rc = pp_server_send(sp->srv, sp->id, "push", 4);
+        if (rc == 0)
+            atomic_fetch_add(&sp->accepted, 1);
+        else
+            atomic_fetch_add(&sp->refused, 1);
+        usleep(200);
+    }
+    return NULL;
+}
+
+/* A reply of 1 MiB and PP_CLOSE to a slow reader, with pushes coming all
+ * the while: the reply arrives whole, then EOF (never a reset), and pushes
+ * are refused from the close on; none is queued behind our FIN. */
+static void test_pushes_to_a_closing_connection(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, NULL);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect_buf(port, 8192);
+    spammer sp = {.srv = srv, .id = ask_id(a)};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, spam_main, &sp), 0);
+    usleep(5000);
+    send_str(a, &LENGTH4, "bigquit");
+    size_t big = 0, pushes = 0;
+    unsigned char *buf = malloc(1 << 20);
+    CHECK(buf);
+    for (;;) {
+        unsigned char h[4];
+        ssize_t k = recv(a, h, 1, MSG_PEEK);
+        if (k == 0)
+            break; /* EOF */
+        CHECKF(k == 1, "recv: %s", k < 0 ? strerror(errno) : "?");
+        usleep(100); /* a slow reader */
+        size_t n = recv_frame4(a, buf, 1 << 20);
+        if (n == 4 && memcmp(buf, "push", 4) == 0) {
+            pushes++;
+        } else {
+            CHECK_EQ(n, 1 << 20);
+            CHECK(buf[0] == 'B' && buf[n - 1] == 'B');
+            big++;
+        }
+    }
+    CHECK_EQ(big, 1);
+    atomic_store(&sp.stop, 1);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    CHECK(atomic_load(&sp.refused) > 0);
+    CHECK_EQ(pushes, (size_t)atomic_load(&sp.accepted));
+    close(a);
+    free(buf);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.write_errors, 0);
+}
+
+/* output_limit is about replies: pushes waiting for a slow reader (bounded
+ * by push_limit) do not make a small reply pass it. */
+static void test_output_limit_counts_replies_only(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, NULL);
+    cfg.output_limit = 256 * 1024;
+    cfg.push_limit = 8 << 20;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect_buf(port, 4096);
+    uint64_t id = ask_id(a);
+    static unsigned char msg[16384];
+    memset(msg, 'q', sizeof msg);
+    for (int k = 0; k < 64; k++) /* 1 MiB of pushes */
+        CHECK_EQ(pp_server_send(srv, id, msg, sizeof msg), 0);
+    send_str(a, &LENGTH4, "hi");
+    usleep(200 * 1000);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.output_overflows, 0);
+    unsigned char *buf = malloc(sizeof msg);
+    CHECK(buf);
+    for (int k = 0; k < 64; k++)
+        CHECK_EQ(recv_frame4(a, buf, sizeof msg), sizeof msg);
+    CHECK_EQ(recv_frame4(a, buf, sizeof msg), 2);
+    CHECK(memcmp(buf, "HI", 2) == 0);
+    free(buf);
+    close(a);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.output_overflows, 0);
+}
+
+/* Empty raw pushes are accepted and send nothing; a drain after them is a
+ * clean close, not a failed zero-byte send. */
+static void test_empty_raw_push(void)
+{
+    alarm(30);
+    pp_config cfg;
+    config_upper(&cfg, &RAW, NULL);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    send_all(a, "x", 1);
+    unsigned char c;
+    recv_exact(a, &c, 1);
+    CHECK_EQ(pp_server_broadcast(srv, "", 0), 1);
+    CHECK_EQ(pp_server_send(srv, 1, "", 0), 0);
+    pp_server_stop(srv, 0);
+    expect_eof(a);
+    close(a);
+    CHECK_EQ(pp_server_join(srv), 0);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.write_errors, 0);
+    CHECK_EQ(st.pushes, 0);
+    pp_server_free(srv);
+}
+
+/* A forced stop refuses pushes at once, also to a connection whose task is
+ * still in flight. */
+static void test_forced_stop_refuses_pushes(void)
+{
+    alarm(60);
+    pp_config cfg;
+    config_upper(&cfg, &LENGTH4, NULL);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    uint64_t id = ask_id(a);
+    send_str(a, &LENGTH4, "block");
+    while (sem_wait(&H.entered) != 0)
+        CHECK(errno == EINTR);
+    CHECK_EQ(pp_server_send(srv, id, "before", 6), 0);
+    pp_server_stop(srv, 1);
+    int64_t until = now_ms() + 10000;
+    while (pp_server_send(srv, id, "x", 1) == 0)
+        CHECK(now_ms() < until);
+    sem_post(&H.gate);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECK(pp_server_was_forced(srv));
+    close(a);
+    pp_server_free(srv);
+}
+
 static void test_connection_events(void)
 {
     alarm(120);
@@ -2616,6 +2778,10 @@ int main(int argc, char **argv)
     RUN("push_limit_drop", test_push_limit(1));
     RUN("close_from_another_thread", test_close_from_another_thread());
     RUN("pushes_then_stop", test_pushes_then_stop());
+    RUN("pushes_to_closing", test_pushes_to_a_closing_connection());
+    RUN("output_limit_replies_only", test_output_limit_counts_replies_only());
+    RUN("empty_raw_push", test_empty_raw_push());
+    RUN("forced_stop_refuses_pushes", test_forced_stop_refuses_pushes());
     RUN("on_worker", test_on_worker());
     RUN("oversize_line", test_oversize_line());
     RUN("oversize_header4", test_oversize_length_header(4));
