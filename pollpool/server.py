@@ -979,7 +979,10 @@ class Server:
     def stats(self) -> Dict[str, int]:
         """Counters: connections, messages, replies, bytes, errors by kind.
         With processes > 1, the sum over the server processes (each is asked),
-        plus ``processes`` (running now) and ``restarts``."""
+        plus ``processes`` (running now) and ``restarts``; asked from a
+        handler of a server process, that process's own counters."""
+        if self._in_child is not None:
+            return self._in_child[0].stats()
         if self._group is not None:
             if self._state == "running":
                 return self._group.stats()

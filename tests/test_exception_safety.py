@@ -321,6 +321,8 @@ STOP_FROM_CHILD_HANDLER = """
         if message == b"shutdown":
             srv.stop()              # in a server process: asks the parent
             return b"stopping"
+        if message == b"accepted":
+            return b"%d" % srv.stats()["accepted"]   # this process's counters
         n = srv.broadcast(b"hello all")   # this process's connections
         return b"%d" % n
 
@@ -342,6 +344,7 @@ def test_stop_and_pushes_from_a_handler_of_a_server_process(spawn, tmp_path):
     # handler go after the task's replies).
     assert c.recv_message() == b"1"
     assert c.recv_message() == b"hello all"
+    assert c.exchange([b"accepted"]) == [b"1"]
     c.send(b"shutdown\n")
     assert wait_closed(c, 20) == b"stopping\ngoodbye\n"
     c.close()
