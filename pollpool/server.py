@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import errno
@@ -523,6 +524,7 @@ class Server:
         self._handle: Any = None       # keeps the Python handler reachable from C
         self._state = "new"            # new -> running -> stopped
         self._done = threading.Event()
+        self._done_callbacks: List[Callable[[], None]] = []   # guarded by _lock
         self._thread: Optional[threading.Thread] = None
         self._serving = 0              # ident of the thread in serve_forever
         # In a server process of processes=N: (its own Server, ask the parent
@@ -698,7 +700,28 @@ class Server:
                 lib.pp_server_free(srv)
             self._state = "stopped"
         _RUNNING.discard(self)
-        self._done.set()
+        self._set_done()
+
+    def _set_done(self) -> None:
+        """The server has stopped: wake whoever waits, in threads or on an
+        event loop (serve(), a ``stop()`` awaited through __aexit__)."""
+        with self._lock:
+            self._done.set()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:  # pragma: no cover - a closed loop, say
+                log.exception("a callback waiting for the stop failed")
+
+    def _when_done(self, cb: Callable[[], None]) -> None:
+        """Calls cb (from the thread that ends the server) once it is
+        stopped, or at once if it is."""
+        with self._lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(cb)
+                return
+        cb()
 
     def _group_begin(self, background: bool) -> None:
         _RUNNING.add(self)
@@ -718,7 +741,7 @@ class Server:
             self._forced = self._group.forced
             self._state = "stopped"
         _RUNNING.discard(self)
-        self._done.set()
+        self._set_done()
 
     def start(self) -> "Server":
         """Binds, starts the loop on a background thread, and returns once
@@ -871,6 +894,53 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    # -- inside an asyncio program -----------------------------------------
+
+    async def start_async(self) -> "Server":
+        """:meth:`start` for a coroutine: binds and serves on pollpool's own
+        threads, and returns once listening, without blocking the event loop
+        (with processes > 1 starting takes until every process listens)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.start)
+        return self
+
+    async def serve(self) -> Dict[str, int]:
+        """Serves until the server is stopped (by :meth:`stop` from anywhere)
+        or this coroutine is cancelled, which stops it gracefully: every
+        message read is answered, the shutdown message sent.  Starts the
+        server first if needed.  Returns the final stats."""
+        if self._state in ("new", "listening"):
+            await self.start_async()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def wake() -> None:
+            def resolve() -> None:
+                if not done.done():
+                    done.set_result(None)
+            try:
+                loop.call_soon_threadsafe(resolve)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self._when_done(wake)
+        try:
+            await done
+        except asyncio.CancelledError:
+            # Cancellation is a graceful stop; the stop itself is not to be
+            # cut short by a second cancellation.
+            await asyncio.shield(loop.run_in_executor(None, self.stop))
+            raise
+        return dict(self._last_stats)
+
+    async def __aenter__(self) -> "Server":
+        if self._state in ("new", "listening"):
+            await self.start_async()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
 
     # -- talking at any time ----------------------------------------------
 
