@@ -909,7 +909,8 @@ class Server:
         """Serves until the server is stopped (by :meth:`stop` from anywhere)
         or this coroutine is cancelled, which stops it gracefully: every
         message read is answered, the shutdown message sent.  Starts the
-        server first if needed.  Returns the final stats."""
+        server first if needed.  Returns the final stats (at once if the
+        server has stopped already)."""
         if self._state in ("new", "listening"):
             await self.start_async()
         loop = asyncio.get_running_loop()
