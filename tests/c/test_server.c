@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <signal.h>
@@ -2592,6 +2593,159 @@ static void test_forced_stop_refuses_pushes(void)
     pp_server_free(srv);
 }
 
+/* ---- push stress: every push call racing connects, resets and closes ---- */
+
+static pp_server *ps_srv;
+static int port_of_ps;
+static atomic_int ps_stop;
+static _Atomic uint64_t ps_maxid;
+static atomic_int ps_opens, ps_closes;
+
+/* Commands: s subscribe, u unsubscribe, p push to self, c close self,
+ * q reply and PP_CLOSE; anything else is echoed. */
+static int ps_handler(void *ctx, const unsigned char *m, size_t n, pp_reply *r)
+{
+    (void)ctx;
+    uint64_t id = pp_reply_conn_id(r);
+    if (n == 1 && m[0] == 's')
+        pp_server_subscribe(ps_srv, id, "t", 1);
+    else if (n == 1 && m[0] == 'u')
+        pp_server_unsubscribe(ps_srv, id, "t", 1);
+    else if (n == 1 && m[0] == 'p')
+        pp_server_send(ps_srv, id, "self", 4);
+    else if (n == 1 && m[0] == 'c')
+        pp_server_close_conn(ps_srv, id);
+    else if (n == 1 && m[0] == 'q')
+        return pp_reply_write(r, "bye", 3) < 0 ? -1 : PP_CLOSE;
+    return pp_reply_write(r, m, n) < 0 ? -1 : PP_KEEP;
+}
+
+static int ps_open(void *ctx, pp_reply *r)
+{
+    (void)ctx;
+    uint64_t id = pp_reply_conn_id(r), cur = atomic_load(&ps_maxid);
+    while (id > cur && !atomic_compare_exchange_weak(&ps_maxid, &cur, id))
+        ;
+    atomic_fetch_add(&ps_opens, 1);
+    pp_server_subscribe(ps_srv, id, "t", 1);
+    pp_server_send(ps_srv, id, "hi", 2);
+    return PP_KEEP;
+}
+
+static void ps_close(void *ctx, uint64_t id)
+{
+    (void)ctx;
+    atomic_fetch_add(&ps_closes, 1);
+    /* The connection is gone: both are refused or reach only others. */
+    CHECK(pp_server_send(ps_srv, id, "x", 1) == -ENOTCONN);
+    pp_server_publish(ps_srv, "t", 1, "gone", 4);
+}
+
+static void *ps_producer(void *arg)
+{
+    uint64_t rng = (uint64_t)(uintptr_t)arg;
+    static const char fill[3000] = {0};
+    while (!atomic_load(&ps_stop)) {
+        uint64_t id = 1 + check_rand(&rng) % (atomic_load(&ps_maxid) + 1);
+        size_t len = check_rand(&rng) % sizeof fill;
+        switch (check_rand(&rng) % 8) {
+        case 0: CHECK(pp_server_broadcast(ps_srv, fill, len) >= 0); break;
+        case 1: CHECK(pp_server_publish(ps_srv, "t", 1, fill, len) >= 0); break;
+        case 2: pp_server_close_conn(ps_srv, id); break;
+        case 3: pp_server_subscribe(ps_srv, id, "t", 1); break;
+        case 4: pp_server_unsubscribe(ps_srv, id, "t", 1); break;
+        case 5: pp_server_pending(ps_srv, id); break;
+        default: {
+            int rc = pp_server_send(ps_srv, id, fill, len);
+            CHECKF(rc == 0 || rc == -ENOTCONN || rc == -ENOBUFS, "send: %d", rc);
+        }
+        }
+    }
+    return NULL;
+}
+
+static void *ps_client(void *arg)
+{
+    uint64_t rng = (uint64_t)(uintptr_t)arg * 7919;
+    static const char *cmds[] = {"s\n", "u\n", "p\n", "hello\n", "c\n", "q\n", "hi\n", "x\n"};
+    unsigned char buf[65536];
+    while (!atomic_load(&ps_stop)) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK(fd >= 0);
+        if (check_rand(&rng) % 3 == 0) {
+            int small = 4096;
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+        }
+        struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port_of_ps)};
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+            close(fd);
+            continue;
+        }
+        int n = (int)(check_rand(&rng) % 30);
+        for (int i = 0; i < n && !atomic_load(&ps_stop); i++) {
+            const char *c = cmds[check_rand(&rng) % 8];
+            if (send(fd, c, strlen(c), MSG_NOSIGNAL) < 0)
+                break;
+            struct pollfd p = {fd, POLLIN, 0};
+            if (check_rand(&rng) % 4 && poll(&p, 1, (int)(check_rand(&rng) % 4)) > 0 &&
+                recv(fd, buf, sizeof buf, MSG_DONTWAIT) <= 0)
+                break;
+        }
+        if (check_rand(&rng) % 2) { /* a reset, with whatever was unread */
+            struct linger l = {1, 0};
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+/* Every push call from 3 threads, and from handlers and hooks, racing 6
+ * clients that connect, subscribe, push to themselves, close, quit and reset
+ * at random; then a graceful stop (round 0) or a forced one (round 1).  The
+ * sanitizers are the judges; the counters must add up. */
+static void test_push_stress(int force)
+{
+    alarm(120);
+    pp_config cfg;
+    config_for(&cfg, &LINE_LF);
+    cfg.threads = 3;
+    cfg.handler = ps_handler;
+    cfg.on_open = ps_open;
+    cfg.on_close = ps_close;
+    cfg.push_limit = 64 * 1024;
+    cfg.push_overflow = force ? PP_PUSH_DROP : PP_PUSH_CLOSE;
+    ps_srv = server_up(&cfg, &port_of_ps);
+    enum { NPROD = 3, NCLI = 6 };
+    pthread_t prod[NPROD], cli[NCLI];
+    for (int i = 0; i < NPROD; i++)
+        CHECK_EQ(pthread_create(&prod[i], NULL, ps_producer, (void *)(uintptr_t)(i + 1)), 0);
+    for (int i = 0; i < NCLI; i++)
+        CHECK_EQ(pthread_create(&cli[i], NULL, ps_client, (void *)(uintptr_t)(i + 1)), 0);
+    sleep_ms((int)scaled(3000, 500));
+    atomic_store(&ps_stop, 1);
+    for (int i = 0; i < NCLI; i++)
+        CHECK_EQ(pthread_join(cli[i], NULL), 0);
+    atomic_store(&ps_stop, 0); /* producers go on through the stop */
+    pp_server_stop(ps_srv, force);
+    CHECK_EQ(pp_server_join(ps_srv), 0);
+    atomic_store(&ps_stop, 1);
+    for (int i = 0; i < NPROD; i++)
+        CHECK_EQ(pthread_join(prod[i], NULL), 0);
+    pp_stats st;
+    pp_server_stats(ps_srv, &st);
+    printf("  %llu connections, %llu pushes, %llu drops, %llu overflow closes\n",
+           (unsigned long long)st.accepted, (unsigned long long)st.pushes,
+           (unsigned long long)st.push_drops, (unsigned long long)st.push_overflow_closes);
+    CHECK(st.accepted > 0 && st.pushes + st.push_drops > 0); /* it did race */
+    CHECK_EQ(st.active, 0);
+    CHECK_EQ(st.accepted, st.closed);
+    CHECK_EQ(atomic_load(&ps_opens), atomic_load(&ps_closes));
+    pp_server_free(ps_srv);
+    ps_srv = NULL;
+}
+
 static void test_connection_events(void)
 {
     alarm(120);
@@ -2782,6 +2936,8 @@ int main(int argc, char **argv)
     RUN("output_limit_replies_only", test_output_limit_counts_replies_only());
     RUN("empty_raw_push", test_empty_raw_push());
     RUN("forced_stop_refuses_pushes", test_forced_stop_refuses_pushes());
+    RUN("push_stress_graceful", test_push_stress(0));
+    RUN("push_stress_forced", test_push_stress(1));
     RUN("on_worker", test_on_worker());
     RUN("oversize_line", test_oversize_line());
     RUN("oversize_header4", test_oversize_length_header(4));
