@@ -219,7 +219,8 @@ def test_push_limit_drop_keeps_the_connection_and_counts(make_server, connect, b
     cid = int(c.exchange([b"id"])[0])
     results = [srv.send(cid, b"z" * 8000) for _ in range(100)]
     assert not all(results) and any(results)
-    assert handler.conns[cid].pending <= 64 * 1024 + 8192
+    # What it has not read waits in the server, within the limit.
+    assert 0 < handler.conns[cid].pending <= 64 * 1024 + 8192
     st = srv.stats()
     assert st["push_drops"] == results.count(False) and st["push_overflow_closes"] == 0
     # Still open: once it reads again it gets the pushes that were taken,
