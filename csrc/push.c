@@ -360,8 +360,10 @@ static int fan_out_one(pp_server *srv, pp_conn *c, pp_shared *sh, int *wake)
     return rc > 0;
 }
 
-long pp_server_publish(pp_server *srv, const void *topic, size_t tlen, const void *data,
-                       size_t len)
+/* One frame to many: the members of topic (tlen bytes), or every open
+ * connection when topic is NULL.  Returns how many took it, or -errno. */
+static long fan_out(pp_server *srv, const void *topic, size_t tlen, const void *data,
+                    size_t len)
 {
     pp_shared *sh = pp__shared_frame(&srv->framing, data, len);
     if (sh == NULL)
@@ -369,27 +371,14 @@ long pp_server_publish(pp_server *srv, const void *topic, size_t tlen, const voi
     int wake = 0;
     long got = 0;
     pthread_mutex_lock(&srv->push_mu);
-    pp_topic *t = srv->push_closed ? NULL : do_find_topic(srv, topic, tlen);
-    if (t != NULL) {
+    if (srv->push_closed) {
+        /* draining: nobody takes pushes */
+    } else if (topic != NULL) {
+        pp_topic *t = do_find_topic(srv, topic, tlen);
         /* do_push() never changes membership, so the array stays put. */
-        for (size_t i = 0; i < t->n; i++)
+        for (size_t i = 0; t != NULL && i < t->n; i++)
             got += fan_out_one(srv, t->members[i], sh, &wake);
-    }
-    pthread_mutex_unlock(&srv->push_mu);
-    notify(srv, wake);
-    pp__shared_unref(sh);
-    return got;
-}
-
-long pp_server_broadcast(pp_server *srv, const void *data, size_t len)
-{
-    pp_shared *sh = pp__shared_frame(&srv->framing, data, len);
-    if (sh == NULL)
-        return -errno;
-    int wake = 0;
-    long got = 0;
-    pthread_mutex_lock(&srv->push_mu);
-    if (!srv->push_closed) {
+    } else {
         for (pp_link *l = srv->registry.next; l != &srv->registry; l = l->next)
             got += fan_out_one(srv, PP_CONTAINER(l, pp_conn, reg_link), sh, &wake);
     }
@@ -397,6 +386,23 @@ long pp_server_broadcast(pp_server *srv, const void *data, size_t len)
     notify(srv, wake);
     pp__shared_unref(sh);
     return got;
+}
+
+long pp_server_publish(pp_server *srv, const void *topic, size_t tlen, const void *data,
+                       size_t len)
+{
+    /* Any bytes name a topic, the empty name too (also for a NULL topic):
+     * only fan_out()'s own NULL means "every connection". */
+    if (topic == NULL) {
+        topic = "";
+        tlen = 0;
+    }
+    return fan_out(srv, topic, tlen, data, len);
+}
+
+long pp_server_broadcast(pp_server *srv, const void *data, size_t len)
+{
+    return fan_out(srv, NULL, 0, data, len);
 }
 
 int pp_server_close_conn(pp_server *srv, uint64_t id)
