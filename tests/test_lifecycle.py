@@ -351,3 +351,26 @@ def test_stop_is_idempotent_and_safe_before_start():
     first = srv.stop(timeout=5)
     second = srv.stop(timeout=5)
     assert first == second
+
+
+def test_importing_a_checkout_without_its_compiled_core_says_how_to_fix_it(tmp_path):
+    # A copy of the package's Python files, as in a checkout nobody built.
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    src = Path(pollpool.__file__).resolve().parent
+    pkg = tmp_path / "checkout" / "pollpool"
+    pkg.mkdir(parents=True)
+    for f in src.glob("*.py"):
+        shutil.copy(f, pkg / f.name)
+    (tmp_path / "checkout" / "setup.py").write_text("")
+    # -S: no site-packages, where an editable install would find the built one.
+    res = subprocess.run([sys.executable, "-S", "-c", "import pollpool"], cwd=tmp_path / "checkout",
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "checkout")})
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: pollpool's compiled core (pollpool._native) is missing"), \
+        res.stderr
+    assert "pip install -e" in last, last
