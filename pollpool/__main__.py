@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import logging
+import os
 import sys
 from typing import Any, List, Optional
 

@@ -67,4 +67,5 @@ class Connection:
         return srv._pending(self.id) if srv is not None else 0
 
     def __repr__(self) -> str:
-        return f"<pollpool.Connection {self.id} {self.peer[0]}:{self.peer[1]}{' closing' if self.closing else ''}>"
+        closing = " closing" if self.closing else ""
+        return f"<pollpool.Connection {self.id} {self.peer[0]}:{self.peer[1]}{closing}>"

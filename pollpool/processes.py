@@ -324,7 +324,7 @@ class ProcessGroup:
     def _reap(self) -> None:
         exited = []
         with self._io:
-            for slot, child in list(self._children.items()):
+            for child in list(self._children.values()):
                 try:
                     pid, status = os.waitpid(child.pid, os.WNOHANG)
                 except ChildProcessError:
@@ -332,7 +332,7 @@ class ProcessGroup:
                 if pid != 0:
                     child.reaped = True
                     exited.append((child, status))
-        for child, status in exited:
+        for child, _status in exited:
             with child.lock:
                 self._drain(child)
                 child.sock.close()
@@ -437,7 +437,8 @@ class ProcessGroup:
                 return None
             child.buf += data
         line, child.buf = child.buf.split(b"\n", 1)
-        return json.loads(line)
+        msg: Dict[str, Any] = json.loads(line)
+        return msg
 
     def _drain(self, child: _Child) -> None:
         """Takes what an exited child left in its socket (its final report)."""

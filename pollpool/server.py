@@ -12,12 +12,16 @@ import os
 import signal
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from ._core import ffi, lib
-from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
 from .connection import Connection
+from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
 from .handlers import NativeHandler
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+# cffi has no type hints: its decorator, typed, so that the callbacks keep theirs.
+_def_extern: Callable[..., Callable[[_F], _F]] = ffi.def_extern
 
 log = logging.getLogger("pollpool")
 
@@ -35,7 +39,7 @@ PUSH_OVERFLOW = {"close": 0, "drop": 1}
 
 # Handles of servers stopped by force: a worker may still be inside their
 # Python handler, so what the handle points to must live as long as the process.
-_ORPHANS: list = []
+_ORPHANS: List[Any] = []
 _RUNNING: "weakref.WeakSet[Server]" = weakref.WeakSet()
 # The server whose C handlers (pp_signals_install) own SIGINT/SIGTERM now.
 _C_SIGNALS: "weakref.WeakSet[Server]" = weakref.WeakSet()
@@ -72,10 +76,10 @@ def _uninterrupted(take_over: bool = False) -> Iterator[None]:
             saved[sig] = old
         yield
     finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
-        for sig in held:
-            _redeliver(sig, saved[sig])
+        for num, old in saved.items():
+            signal.signal(num, old)
+        for num in held:
+            _redeliver(num, saved[num])
 
 
 def _redeliver(sig: int, handler: Any) -> None:
@@ -134,7 +138,7 @@ _PY_FLUSH = 256 * 1024
 _PY_CHUNK = 16
 
 
-def _pending(results: list) -> int:
+def _pending(results: List[Any]) -> int:
     try:
         return sum(map(len, results))
     except TypeError:  # None or a wrong type among them: framing sorts it out
@@ -176,7 +180,7 @@ def _stage(data: bytes, count: int, reply: Any, conn_id: int, scratch: Any, cap:
     return _queue(reply, data, size, count, conn_id)
 
 
-def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
+def _emit(h: _PyHandler, results: List[Any], reply: Any, conn_id: int, scratch: Any,
           cap: int, res: Any, direct: bool = False) -> bool:
     """Frames results and stages them (see _stage).  Returns False if a
     result was bad or the connection's output limit was passed."""
@@ -194,7 +198,7 @@ def _emit(h: _PyHandler, results: list, reply: Any, conn_id: int, scratch: Any,
     return _stage(data, count, reply, conn_id, scratch, cap, res, direct) and ok
 
 
-@ffi.def_extern(error=-1, onerror=_batch_failed)
+@_def_extern(error=-1, onerror=_batch_failed)
 def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: Any,
                  block_len: int, scratch: Any, cap: int, res: Any) -> int:
     # A connection-aware handler's messages (plain callables go through
@@ -211,8 +215,8 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
     if h.on_message is None:
         return 0
     fn = functools.partial(h.on_message, conn)
-    messages: Optional[list]
-    results: list
+    messages: Optional[List[bytes]]
+    results: List[Any]
     if delim is not None and n == 1:
         # The common case under light pipelining: one line, one bytes reply.
         try:
@@ -263,7 +267,7 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
     return 1 if conn.closing else 0
 
 
-@ffi.def_extern(error=-1, onerror=_batch_failed)
+@_def_extern(error=-1, onerror=_batch_failed)
 def _pp_py_open(ctx: Any, reply: Any, conn_id: int, host: Any, port: int, scratch: Any,
                 cap: int, res: Any) -> int:
     # A connection-aware handler's connection arrived: the first task of
@@ -283,7 +287,7 @@ def _pp_py_open(ctx: Any, reply: Any, conn_id: int, host: Any, port: int, scratc
     return 1 if conn.closing else 0
 
 
-@ffi.def_extern(onerror=_batch_failed)
+@_def_extern(onerror=_batch_failed)
 def _pp_py_close(ctx: Any, conn_id: int) -> None:
     # The connection's last task: after it, nothing of it reaches Python.
     h: _PyHandler = ffi.from_handle(ctx)
@@ -320,7 +324,7 @@ def _reporter(h: _PyHandler) -> Callable[[int, int, Any], None]:
     return report
 
 
-def _frame_checked(h: _PyHandler, results: list, conn_id: int) -> Tuple[bytes, int, bool]:
+def _frame_checked(h: _PyHandler, results: List[Any], conn_id: int) -> Tuple[bytes, int, bool]:
     """Frames results one by one, skipping None, up to the first that is not
     bytes-like or does not fit the length header.  Returns the framed bytes,
     how many replies they hold, and whether all results were good."""
@@ -1056,7 +1060,8 @@ class Server:
             return self._in_child[0].stats()
         if self._group is not None:
             if self._state == "running":
-                return self._group.stats()
+                stats: Dict[str, int] = self._group.stats()
+                return stats
             with self._lock:
                 return dict(self._last_stats)
         with self._lock:
