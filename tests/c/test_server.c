@@ -2738,7 +2738,11 @@ static void test_push_stress(int force)
     printf("  %llu connections, %llu pushes, %llu drops, %llu overflow closes\n",
            (unsigned long long)st.accepted, (unsigned long long)st.pushes,
            (unsigned long long)st.push_drops, (unsigned long long)st.push_overflow_closes);
-    CHECK(st.accepted > 0 && st.pushes + st.push_drops > 0); /* it did race */
+    /* It did race (under valgrind, at a quarter of the time and a tenth of
+     * the speed, a run may be all refusals: only the sanitizers judge it). */
+    CHECK(st.accepted > 0);
+    if (scale_pct() >= 50)
+        CHECK(st.pushes + st.push_drops > 0);
     CHECK_EQ(st.active, 0);
     CHECK_EQ(st.accepted, st.closed);
     CHECK_EQ(atomic_load(&ps_opens), atomic_load(&ps_closes));
