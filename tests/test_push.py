@@ -274,7 +274,7 @@ def publisher():
     payload = bytes(range(256)) * 256                  # 64 KiB
     for k in range(N):
         srv.publish("feed", b"%06d" % k + payload[6:])
-        time.sleep(0.02)
+        time.sleep(float(sys.argv[3]))
 
 class Sub:
     def on_connect(self, conn):
@@ -298,13 +298,14 @@ srv.serve_forever(on_ready=lambda: print("pollpool listening on %s:%d" % srv.add
 def test_a_subscriber_that_never_reads_is_cut_at_push_limit_and_costs_no_memory(
         spawn, tmp_path, backend):
     import json
-    # 10 s of 64 KiB publishes at 50/s; a limit that a Python reader on a busy
-    # 2-core machine never hits (1 MiB is 16 publishes: a hiccup), while the
-    # reader that never reads passes it within the first seconds.
-    limit, n = 8 << 20, 500
+    # 10 s of 64 KiB publishes, 20 a second; a limit that a Python reader on
+    # a busy 2-core machine never hits (6 s of publishes; 1 MiB would be
+    # under a second: a hiccup), while the one that never reads passes it
+    # after 128 publishes.
+    limit, n, interval = 8 << 20, 200, 0.05
     script = tmp_path / "server.py"
     script.write_text(SLOW_SUBSCRIBER_SERVER)
-    child = spawn([str(script), str(n), str(limit)])
+    child = spawn([str(script), str(n), str(limit), str(interval)])
     address = child.wait_listening()
     slow = Client(address, LENGTH4, rcvbuf=4096)       # never reads
     readers = [Client(address, LENGTH4) for _ in range(100)]
