@@ -33,6 +33,7 @@
 #define PP_LINGER_MS 2000           /* how long a closing peer may keep sending */
 #define PP_LINGER_POLL_MS 10        /* how often lingering closes are looked at */
 #define PP_ACCEPT_RETRY_MS 100      /* pause after EMFILE/ENFILE/ENOMEM */
+#define PP_ACCEPTS_PER_ROUND 64     /* per listener, as HAProxy's maxaccept */
 #define PP_FORCE_GRACE_MS 200       /* tasks in flight get this long after force */
 
 #define PP_CONN_OF(link, member) PP_CONTAINER(link, pp_conn, member)
@@ -233,13 +234,16 @@ static int reject_one(pp_server *srv, pp_watch *lw)
 static void do_accept(pp_server *srv, pp_watch *lw)
 {
     int lfd = lw->fd;
-    for (int rejected = 0;;) {
+    /* A bounded number per round, taken or refused: clients that connect as
+     * fast as the loop accepts must not keep it from serving the ones it
+     * has.  The listener is not marked drained, so the next round comes
+     * back for the rest at once. */
+    for (int taken = 0; taken < PP_ACCEPTS_PER_ROUND; taken++) {
         size_t max = srv->cfg.max_connections;
         if (max && srv->nconns >= max) {
-            /* Either say no to each newcomer (a bounded number per round,
-             * so a flood cannot hold the loop), or stop accepting until a
+            /* Either say no to each newcomer, or stop accepting until a
              * connection closes and let the backlog hold the rest. */
-            if (srv->reject_msg && rejected++ < 64 && reject_one(srv, lw) == 0)
+            if (srv->reject_msg && reject_one(srv, lw) == 0)
                 continue;
             if (!srv->reject_msg)
                 accept_pause(srv, 0);
