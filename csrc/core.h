@@ -43,6 +43,10 @@ enum {
     PP_C_GOODBYE = 1 << 7,     /* draining: shutdown message queued */
     PP_C_OPENED = 1 << 9,      /* open event sent: a close event is owed */
     PP_C_RETIRING = 1 << 10,   /* close event in flight; freed when it is back */
+    PP_C_DEFERRED = 1 << 11,   /* its reply is in a pp_dimpl (defer.c): no task
+                                  runs until the finish */
+    PP_C_DEF_READY = 1 << 12,  /* that handle is finished and taken: apply it
+                                  once the task is back */
 };
 
 /* Push state of a connection, guarded by srv->push_mu. */
@@ -55,6 +59,40 @@ enum {
 };
 
 typedef struct pp_topic pp_topic;
+
+/* ---- deferred replies (defer.c) ---------------------------------------- */
+
+/* What deferred handles share with their server and outlive it by: the lock
+ * that decides a handle's fate, the finished list, a copy of the framing. */
+typedef struct pp_hub {
+    pthread_mutex_t mu;
+    atomic_long refs;           /* the server's one, and one per handle */
+    pp_server *srv;             /* mu; NULL once the server is freed */
+    pp_link finished;           /* mu: handles finished, for the I/O thread */
+    atomic_int has_finished;    /* finished is not empty */
+    atomic_long pending;        /* handles not yet applied nor gone */
+    pp_framing framing;
+} pp_hub;
+
+enum { PP_D_PENDING = 0, PP_D_FINISHED = 1, PP_D_GONE = 2 };
+
+typedef struct pp_dimpl {
+    pp_deferred pub;            /* first: the ABI's view */
+    pp_hub *hub;
+    struct pp_conn *conn;       /* valid while PENDING or FINISHED */
+    uint64_t id, conn_id;
+    atomic_int state;           /* PP_D_*; changed under hub->mu */
+    int status;                 /* what finish was given */
+    /* The writer's (one thread at a time), until finish. */
+    pp_buf out;                 /* whole framed replies, then the open one */
+    size_t mark;                /* where the open reply's body starts */
+    int open, error;
+    size_t nreplies;
+    pp_buf keep;                /* the connection's task buffer, if the
+                                   connection went first: the messages a
+                                   batch handler deferred stay readable */
+    pp_link link;               /* on hub->finished */
+} pp_dimpl;
 
 /* What a task carries besides messages. */
 enum { PP_EV_NONE = 0, PP_EV_OPEN = 1, PP_EV_CLOSE = 2 };
@@ -93,6 +131,13 @@ typedef struct pp_conn {
     /* Completion stack link, written by the worker before it publishes. */
     struct pp_conn *next_done;
 
+    /* Deferred reply: set by the worker that deferred (with rest_off, where
+     * the messages it did not handle begin in task); the I/O thread's after. */
+    pp_dimpl *def;
+    size_t rest_off;
+    pp_link def_timer;          /* on srv->defer_list (reply_timeout) */
+    int64_t def_since;          /* ms: when the task came back deferred */
+
     /* Guarded by srv->push_mu (push.c). */
     pp_segq outbox;             /* pushes not yet taken by the output's owner */
     unsigned push_flags;        /* PP_P_* */
@@ -126,6 +171,8 @@ typedef struct pp_iostats {
     _Atomic uint64_t accept_errors, read_errors, write_errors, accept_paused;
     _Atomic uint64_t forced_closes, nomem_errors, rejected, idle_closes;
     _Atomic uint64_t send_timeouts, output_overflows;
+    _Atomic uint64_t reply_timeouts, deferred_cancelled, handler_errors;
+    _Atomic uint64_t replies;
 } pp_iostats;
 
 /* Push counters, written under push_mu. */
@@ -174,6 +221,10 @@ struct pp_server {
     pp_link idle_list;          /* idle_timeout applies */
     pp_link send_list;          /* output pending: send_timeout applies */
     pp_link linger_list;        /* closing, waiting for the peer */
+    pp_link defer_list;         /* deferred, by def_since: reply_timeout */
+    int64_t reply_ms;           /* reply_timeout; 0 = none */
+    size_t ndeferred;           /* connections with PP_C_DEFERRED */
+    int deferred_cut;           /* the drain's end cut deferred replies */
     pp_task *batch_head, *batch_tail; /* tasks to push at the end of this round */
     size_t batch_n;
     int accept_paused;          /* listeners not polled: EMFILE or max_connections */
@@ -209,6 +260,7 @@ struct pp_server {
     int push_mu_init;
     pp_pushstats push_stats;
     pp_services services;       /* what native handlers push through */
+    pp_hub *hub;                /* deferred replies (defer.c) */
 
     pthread_t io_thread;
     int io_thread_started;
@@ -248,7 +300,29 @@ pp_conn *pp__push_take_ready(pp_server *srv);
  * lost), cleared when requests is nonzero.  The owner of c's output. */
 unsigned pp__push_take(pp_server *srv, pp_conn *c, int requests);
 
+/* defer.c */
+/* Creates the hub; -ENOMEM.  After the framing is set up. */
+int pp__hub_new(pp_server *srv);
+/* The server lets go of its hub: every handle still attached to a
+ * connection is settled first (pp__server_destroy). */
+void pp__hub_release(pp_server *srv);
+/* A new handle for c's current task (the worker that owns it). */
+pp_dimpl *pp__deferred_new(pp_server *srv, struct pp_conn *c);
+/* Frees a handle nobody else can reach. */
+void pp__deferred_free(pp_dimpl *d);
+/* Takes the finished list (one lock, none when it is empty): chained by
+ * link.next, NULL-terminated, in finish order.  I/O thread. */
+pp_dimpl *pp__deferred_take(pp_server *srv);
+/* c's connection is going before its handle was applied: decides, under the
+ * lock, between a finish that already came (the handle is freed) and one
+ * still to come (it will find the handle gone).  Returns the handle's id if
+ * it went gone (for cfg.deferred_gone), else 0.  c->task moves into the
+ * handle then.  I/O thread, or the destroyer. */
+uint64_t pp__deferred_drop(pp_server *srv, struct pp_conn *c);
+
 /* reply.c */
+/* pp_services.defer: pollpool.h's pp_reply_defer(). */
+pp_deferred *pp__reply_defer(pp_reply *r);
 /* Runs the handler on every message of c's task; called by the worker that
  * owns the task. */
 void pp__task_run(void *srv, pp_worker *w, pp_task *t);

@@ -144,7 +144,10 @@ static void conn_timers(pp_server *srv, pp_conn *c)
             list = &srv->send_list;
             since = &c->out_since;
         }
-    } else if (srv->idle_ms > 0 && c->in_framed == 0 && !(c->flags & PP_C_CLOSE)) {
+    } else if (srv->idle_ms > 0 && c->in_framed == 0 &&
+               !(c->flags & (PP_C_CLOSE | PP_C_DEFERRED))) {
+        /* A connection waiting for its deferred reply is not idle:
+         * reply_timeout is its clock. */
         list = &srv->idle_list;
         since = &c->last_active;
     }
@@ -376,6 +379,18 @@ static void conn_free(pp_conn *c)
     free(c);
 }
 
+/* c goes before its deferred reply was applied: the handle learns it (or,
+ * finished already, is freed), and whoever works on it is told. */
+static void deferred_drop(pp_server *srv, pp_conn *c)
+{
+    c->flags &= ~PP_C_DEFERRED;
+    pp__list_unlink(&c->def_timer);
+    srv->ndeferred--;
+    uint64_t id = pp__deferred_drop(srv, c);
+    if (id != 0 && srv->cfg.deferred_gone)
+        srv->cfg.deferred_gone(srv->cfg.ctx, id);
+}
+
 /* Closes c now.  Only while no task is in flight: a worker may still be
  * sending on the fd, and a closed fd number can be reused by the next
  * accept() at once. */
@@ -383,6 +398,8 @@ static void conn_close(pp_server *srv, pp_conn *c)
 {
     if (c->flags & PP_C_IN_FLIGHT)
         abort();
+    if (c->flags & PP_C_DEFERRED)
+        deferred_drop(srv, c);
     /* No push reaches it from here on, and what was queued is moot. */
     pp__push_unregister(srv, c);
     pp__list_unlink(&c->ready);
@@ -693,7 +710,10 @@ static void conn_progress(pp_server *srv, pp_conn *c)
         conn_close(srv, c);
         return;
     }
-    if (c->flags & PP_C_LINGER) {
+    if (c->flags & (PP_C_LINGER | PP_C_DEFERRED)) {
+        /* Deferred: no task runs, no goodbye, no close (an EOF or a close
+         * asked waits for the reply) until the finish; reading goes on, so
+         * that a reset is seen. */
         conn_update(srv, c);
         return;
     }
@@ -755,6 +775,8 @@ static void conn_progress(pp_server *srv, pp_conn *c)
     conn_update(srv, c);
 }
 
+static void deferred_apply(pp_server *srv, pp_conn *c);
+
 static void on_complete(pp_server *srv, pp_conn *c)
 {
     c->flags &= ~PP_C_IN_FLIGHT;
@@ -762,7 +784,19 @@ static void on_complete(pp_server *srv, pp_conn *c)
         conn_close(srv, c); /* the close event was the last task */
         return;
     }
-    pp__buf_reset(&c->task, PP_KEEP_BUF);
+    if (c->status == PP_DEFER) {
+        /* The messages after the deferred one stay in task, untouched (a
+         * batch handler may still be reading them), until the finish. */
+        c->status = PP_KEEP;
+        pp__buf_consume(&c->task, c->rest_off);
+        c->flags |= PP_C_DEFERRED;
+        srv->ndeferred++;
+        c->def_since = srv->now;
+        if (srv->reply_ms > 0)
+            pp__list_append(&srv->defer_list, &c->def_timer);
+    } else {
+        pp__buf_reset(&c->task, PP_KEEP_BUF);
+    }
     if (c->send_error)
         c->flags |= PP_C_BROKEN;
     else if (c->status != PP_KEEP)
@@ -788,7 +822,71 @@ static void on_complete(pp_server *srv, pp_conn *c)
         pp__stat_add(&srv->stats.output_overflows, 1);
         c->flags |= PP_C_BROKEN;
     }
+    if ((c->flags & PP_C_DEF_READY) && !(c->flags & PP_C_BROKEN)) {
+        deferred_apply(srv, c); /* finished before the task was even back */
+        return;
+    }
     conn_progress(srv, c);
+}
+
+/* c's deferred reply is finished: its replies join the output, and the
+ * messages that waited for it run. */
+static void deferred_apply(pp_server *srv, pp_conn *c)
+{
+    pp_dimpl *d = c->def;
+    c->def = NULL;
+    c->flags &= ~(PP_C_DEFERRED | PP_C_DEF_READY);
+    pp__list_unlink(&c->def_timer);
+    srv->ndeferred--;
+    atomic_fetch_sub(&srv->hub->pending, 1);
+    int st = d->status;
+    if (pp__buf_size(&d->out) > 0) {
+        if (pp__buf_size(&c->out) == 0) {
+            pp_buf t = c->out; /* the handle's buffer becomes the output */
+            c->out = d->out;
+            d->out = t;
+        } else if (pp__buf_append(&c->out, pp__buf_begin(&d->out),
+                                  pp__buf_size(&d->out)) < 0) {
+            pp__stat_add(&srv->stats.nomem_errors, 1);
+            c->flags |= PP_C_BROKEN;
+        }
+    }
+    pp__stat_add(&srv->stats.replies, d->nreplies);
+    pp__deferred_free(d);
+    if (st < 0)
+        pp__stat_add(&srv->stats.handler_errors, 1);
+    if (st != PP_KEEP)
+        conn_set_closing(srv, c);
+    c->last_active = c->out_since = srv->now;
+    if (!(c->flags & (PP_C_BROKEN | PP_C_CLOSE)) && pp__buf_size(&c->task) > 0) {
+        /* The rest of the task goes back to a worker, which sends this
+         * reply with the ones it makes (bypassing queue_size, like events:
+         * the connection had its place already). */
+        batch_add(srv, c, PP_EV_NONE);
+        conn_update(srv, c);
+        return;
+    }
+    pp__buf_reset(&c->task, PP_KEEP_BUF);
+    if (!(c->flags & PP_C_BROKEN) && pp__conn_pending(c) > 0)
+        conn_flush(srv, c);
+    conn_progress(srv, c);
+}
+
+/* Every handle finished since the last round. */
+static void take_deferred(pp_server *srv)
+{
+    pp_dimpl *d = pp__deferred_take(srv);
+    while (d != NULL) {
+        pp_dimpl *next = (pp_dimpl *)(void *)d->link.next;
+        d->link.next = NULL;
+        pp_conn *c = d->conn;
+        c->flags |= PP_C_DEF_READY;
+        /* In flight: the task that deferred is not back yet; on_complete()
+         * applies it. */
+        if (!(c->flags & PP_C_IN_FLIGHT))
+            deferred_apply(srv, c);
+        d = next;
+    }
 }
 
 static void take_completions(pp_server *srv)
@@ -870,6 +968,14 @@ static pp_conn *expired(pp_link *list, int64_t limit, int64_t now)
 static void check_timers(pp_server *srv, int64_t now)
 {
     pp_conn *c;
+    pp_link *l;
+    while (srv->reply_ms > 0 && (l = pp__list_first(&srv->defer_list)) != NULL &&
+           now - (c = PP_CONN_OF(l, def_timer))->def_since >= srv->reply_ms) {
+        pp__list_unlink(l);
+        pp__stat_add(&srv->stats.reply_timeouts, 1);
+        c->flags |= PP_C_BROKEN;
+        conn_progress(srv, c);
+    }
     while ((c = expired(&srv->send_list, srv->stall_ms, now)) != NULL) {
         pp__list_unlink(&c->timer);
         c->timer_list = NULL;
@@ -908,6 +1014,23 @@ static void begin_drain(pp_server *srv)
     while (l != NULL && l != &srv->conns) {
         pp_link *next = l->next; /* progress may free c, and only c */
         conn_progress(srv, PP_CONN_OF(l, all));
+        l = next;
+    }
+}
+
+/* The drain's end: every deferred reply still pending is cancelled. */
+static void cut_deferred(pp_server *srv)
+{
+    srv->deferred_cut = 1;
+    pp_link *l = pp__list_first(&srv->conns);
+    while (l != NULL && l != &srv->conns) {
+        pp_link *next = l->next;
+        pp_conn *c = PP_CONN_OF(l, all);
+        if (c->flags & PP_C_DEFERRED) {
+            pp__stat_add(&srv->stats.deferred_cancelled, 1);
+            c->flags |= PP_C_BROKEN;
+            conn_progress(srv, c);
+        }
         l = next;
     }
 }
@@ -955,6 +1078,9 @@ static int wait_timeout(pp_server *srv, int64_t now)
         PP_SOONER(list_deadline(&srv->send_list, srv->stall_ms));
     if (srv->idle_ms > 0)
         PP_SOONER(list_deadline(&srv->idle_list, srv->idle_ms));
+    if (srv->reply_ms > 0 && !pp__list_empty(&srv->defer_list))
+        PP_SOONER(PP_CONN_OF(pp__list_first(&srv->defer_list), def_timer)->def_since +
+                  srv->reply_ms);
 #undef PP_SOONER
     if (until < 0)
         return -1;
@@ -1002,6 +1128,15 @@ int pp__loop_run(pp_server *srv)
             expire_lingers(srv, now);
             if (srv->nconns == 0)
                 break;
+            if (srv->ndeferred > 0 && !srv->deferred_cut) {
+                /* Replies that did not come in time are cancelled, their
+                 * connections closed (the replies before them were sent):
+                 * the drain's part that waits on the application ends, the
+                 * rest gets a short grace for their close events. */
+                cut_deferred(srv);
+                srv->drain_deadline = now + PP_FORCE_GRACE_MS;
+                continue;
+            }
             begin_force(srv);
             continue;
         }
@@ -1022,6 +1157,7 @@ int pp__loop_run(pp_server *srv)
          * the announcement is seen here, one pushed after it writes the fd. */
         atomic_store(&srv->io_armed, 1);
         if (atomic_load(&srv->done) != NULL || atomic_load(&srv->push_pending) ||
+            atomic_load(&srv->hub->has_finished) ||
             atomic_load(&srv->stop_level) != level)
             timeout = 0;
         int n = srv->bk->wait(srv, timeout);
@@ -1040,6 +1176,7 @@ int pp__loop_run(pp_server *srv)
         }
 
         take_completions(srv);
+        take_deferred(srv);
         take_pushes(srv);
         pp_link *l;
         while ((l = pp__list_first(&srv->fired)) != NULL) {

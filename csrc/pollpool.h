@@ -20,8 +20,9 @@ extern "C" {
 #endif
 
 /* Bumped whenever struct pp_reply or the handler signature changes.  Version 2
- * appends pp_reply.services (pushes from any thread); a library built for
- * version 1 sees the same struct up to there and works unchanged. */
+ * appends pp_reply.services (pushes from any thread, deferred replies); a
+ * library built for version 1 sees the same struct up to there and works
+ * unchanged. */
 #define POLLPOOL_ABI_VERSION 2
 /* The oldest ABI version this header's server still loads. */
 #define POLLPOOL_ABI_MIN 1
@@ -32,10 +33,22 @@ extern "C" {
  * with pp_reply_write() is discarded, never sent. */
 enum {
     PP_KEEP = 0,  /* keep the connection open */
-    PP_CLOSE = 1  /* send this reply (if any), then close the connection */
+    PP_CLOSE = 1, /* send this reply (if any), then close the connection */
+    PP_DEFER = 2  /* ABI 2: the reply comes later, through pp_reply_defer() */
 };
 
 typedef struct pp_reply pp_reply;
+
+/* ABI 2.  A reply that comes later (see pp_reply_defer()).  Only the first
+ * member is public: use the inline functions below. */
+typedef struct pp_deferred pp_deferred;
+typedef struct pp_deferred_ops {
+    int (*write)(pp_deferred *d, const void *data, size_t len);
+    int (*finish)(pp_deferred *d, int status);
+} pp_deferred_ops;
+struct pp_deferred {
+    const pp_deferred_ops *ops; /* static in pollpool: valid for the process */
+};
 
 /* What a native handler may do at any time, from any thread (ABI 2): the
  * server's push services.  Owned by pollpool; valid from the first call a
@@ -60,6 +73,8 @@ typedef struct pp_services {
     int (*unsubscribe)(void *server, uint64_t conn_id, const void *topic, size_t topic_len);
     /* close once what is queued is sent: 0 or -ENOTCONN */
     int (*close)(void *server, uint64_t conn_id);
+    /* takes the reply of the current call over (pp_reply_defer) */
+    pp_deferred *(*defer)(pp_reply *reply);
 } pp_services;
 
 /* The write side of the reply to one message.  Owned by pollpool and valid only
@@ -140,12 +155,56 @@ static inline int pp_close_conn(const pp_services *s, uint64_t conn_id)
     return s->close(s->server, conn_id);
 }
 
+/* ---- deferred replies (ABI 2) -------------------------------------------
+ * A handler that must wait for something (another service, a timer, work on
+ * a thread of yours) need not hold its worker thread: inside the call it
+ * takes the reply over with pp_reply_defer(), returns PP_DEFER, and the
+ * worker moves on to other connections.  Later, from any thread, it writes
+ * the reply with pp_deferred_write() and ends it with pp_deferred_finish()
+ * exactly once.  Meanwhile the connection's later messages wait (replies
+ * stay in request order, as with Redis's blocked clients): the next handler
+ * call for it comes after the finish.  Pushes and close requests work as
+ * ever.  The server's reply_timeout, if set, closes a connection whose reply
+ * takes longer.  The handle is never the server's to free: finish it, even
+ * after the connection or the server is gone (it then returns -ENOTCONN). */
+
+/* Inside a handler (or the open hook): the reply to the current message
+ * becomes the returned handle's, with anything pp_reply_write() already
+ * wrote; return PP_DEFER (any other return is taken as PP_DEFER once the
+ * reply is deferred).  Writing to reply after this fails with EINVAL.
+ * Returns NULL with errno = ENOMEM (the handler may then reply at once). */
+static inline pp_deferred *pp_reply_defer(pp_reply *reply)
+{
+    return reply->services->defer(reply);
+}
+
+/* Appends len bytes to the deferred reply; data is copied.  Any thread, one
+ * at a time per handle.  Returns 0, -ENOMEM, -EMSGSIZE (more than the framing
+ * can carry: the reply is void, finish will close the connection) or
+ * -ENOTCONN (the connection is gone: stop working on it, then finish). */
+static inline int pp_deferred_write(pp_deferred *d, const void *data, size_t len)
+{
+    return d->ops->write(d, data, len);
+}
+
+/* Ends the deferred reply and frees the handle, whatever it returns.  status
+ * is what the handler would have returned: PP_KEEP sends the reply; PP_CLOSE
+ * sends it, then closes; < 0 is an error: the reply is discarded, counted in
+ * handler_errors, and the connection closed after the replies before it.
+ * Returns 0 once the reply is queued, or -ENOTCONN if the connection (or the
+ * server) is gone.  Any thread; never blocks on a socket. */
+static inline int pp_deferred_finish(pp_deferred *d, int status)
+{
+    return d->ops->finish(d, status);
+}
+
 /* A native handler.  ctx is the pointer given when the handler was registered;
  * msg/len is one message without its framing, valid only during the call.
  * Handlers run concurrently on several worker threads and must be thread-safe;
  * calls for one connection never overlap and come in the connection's order.
- * Returns PP_KEEP, PP_CLOSE, or a negative value on error.  Writing no reply
- * and returning PP_KEEP sends nothing for that message. */
+ * Returns PP_KEEP, PP_CLOSE, PP_DEFER (after pp_reply_defer()), or a negative
+ * value on error.  Writing no reply and returning PP_KEEP sends nothing for
+ * that message. */
 typedef int (*pp_handler_fn)(void *ctx, const unsigned char *msg, size_t len,
                              pp_reply *reply);
 

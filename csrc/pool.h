@@ -30,7 +30,7 @@ typedef void (*pp_task_fn)(void *arg, pp_worker *w, pp_task *t);
 /* Per-worker counters: one writer (the worker), read by any thread. */
 typedef struct pp_wstats {
     _Atomic uint64_t messages, replies, bytes_out, handler_errors, write_errors;
-    _Atomic uint64_t nomem_errors, output_overflows;
+    _Atomic uint64_t nomem_errors, output_overflows, deferred_total;
 } pp_wstats;
 
 struct pp_worker {

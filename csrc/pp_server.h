@@ -78,6 +78,14 @@ typedef struct pp_config {
     size_t push_limit;          /* bytes of pushes queued per connection;
                                    0 = no limit */
     int push_overflow;          /* PP_PUSH_CLOSE or PP_PUSH_DROP, past it */
+    double reply_timeout;       /* seconds a deferred reply may take before
+                                   its connection is closed; 0 = no limit */
+    /* Optional: the I/O thread calls it when a deferred reply's connection
+     * goes (reset, reply_timeout, the drain's end) before the finish, with
+     * pp_deferred_id() of the handle, so that the work on it can be
+     * cancelled.  The handle itself may be finished and freed meanwhile:
+     * the id is all it gets.  Must not block. */
+    void (*deferred_gone)(void *ctx, uint64_t deferred_id);
 } pp_config;
 
 /* What a push past push_limit does: close that connection (the default, as
@@ -110,6 +118,10 @@ typedef struct pp_stats {
     uint64_t push_drops;        /* pushes dropped at push_limit */
     uint64_t push_overflow_closes; /* connections closed at push_limit */
     uint64_t wakeups;           /* writes to the I/O thread's wake fd */
+    uint64_t deferred;          /* deferred replies pending now */
+    uint64_t deferred_total;    /* replies deferred */
+    uint64_t reply_timeouts;    /* connections closed by reply_timeout */
+    uint64_t deferred_cancelled; /* deferred replies cut by the drain's end */
 } pp_stats;
 
 typedef struct pp_server pp_server;
@@ -193,6 +205,25 @@ int pp_reply_send(pp_reply *reply, const void *data, size_t len);
  * batch).  Returns 0, or -1 with errno = ENOMEM. */
 int pp_reply_send_framed(pp_reply *reply, const void *data, size_t len,
                          size_t nreplies);
+
+/* A batch handler's pp_reply_defer(): the replies not yet sent for this
+ * batch's messages before index next become the handle's; the messages from
+ * next on (next <= n) are handed to the handler again after the finish.
+ * Whole framed replies go in with pp_deferred_write_framed().  Returns NULL
+ * with errno ENOMEM, or EINVAL when next is out of range. */
+pp_deferred *pp_reply_defer_batch(pp_reply *reply, size_t next);
+
+/* Appends len bytes holding nreplies whole framed replies to a deferred
+ * reply with nothing open.  0, -ENOMEM, -EINVAL (a reply is open) or
+ * -ENOTCONN. */
+int pp_deferred_write_framed(pp_deferred *d, const void *data, size_t len,
+                             size_t nreplies);
+
+/* The handle's id: unique for the process, never 0 (see deferred_gone). */
+uint64_t pp_deferred_id(const pp_deferred *d);
+
+/* The connection a handle replies to. */
+uint64_t pp_deferred_conn_id(const pp_deferred *d);
 
 /* Writes the peer address of the reply's connection as numeric host and
  * port.  Returns 0 or -errno. */

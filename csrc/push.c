@@ -586,5 +586,6 @@ void pp__push_services_init(pp_server *srv)
         .subscribe = svc_subscribe,
         .unsubscribe = svc_unsubscribe,
         .close = svc_close,
+        .defer = pp__reply_defer,
     };
 }

@@ -29,6 +29,10 @@ typedef struct reply_impl {
     uint64_t replies;
     uint64_t sent;      /* bytes sent by this worker for this task */
     int overflow;       /* output_limit passed: the task must stop */
+    pp_dimpl *deferred; /* pp_reply_defer() was called in this call */
+    size_t rest_off;    /* then: where the messages after it begin in task */
+    const pp_msg *msgs; /* a batch call's messages */
+    size_t nmsgs;
 } reply_impl;
 
 static int reply_write(pp_reply *r, const void *data, size_t len)
@@ -36,6 +40,10 @@ static int reply_write(pp_reply *r, const void *data, size_t len)
     reply_impl *ri = r->impl;
     const pp_framing *f = &ri->srv->framing;
     pp_buf *out = &ri->conn->out;
+    if (ri->deferred) {
+        errno = EINVAL; /* the reply is the handle's now */
+        return -1;
+    }
     if (ri->error) {
         errno = ri->error;
         return -1;
@@ -94,6 +102,66 @@ static inline int reply_close(reply_impl *ri, int st)
 }
 
 static int flush_now(reply_impl *ri);
+
+/* Takes the open reply (what pp_reply_write() wrote of it) over into a new
+ * handle. */
+static pp_dimpl *defer_open(reply_impl *ri)
+{
+    if (ri->deferred) {
+        errno = EINVAL; /* once per call */
+        return NULL;
+    }
+    pp_dimpl *d = pp__deferred_new(ri->srv, ri->conn);
+    if (d == NULL) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (ri->open) {
+        const pp_framing *f = &ri->srv->framing;
+        pp_buf *out = &ri->conn->out;
+        size_t body = pp__buf_size(out) - ri->mark;
+        int rc = ri->error ? -ri->error : d->pub.ops->write(&d->pub, out->data + out->len - body, body);
+        if (rc < 0) {
+            pp__deferred_free(d);
+            atomic_fetch_sub(&ri->srv->hub->pending, 1);
+            errno = -rc;
+            return NULL;
+        }
+        out->len -= body + pp__frame_prefix_len(f);
+        ri->open = 0;
+    }
+    ri->deferred = d;
+    return d;
+}
+
+pp_deferred *pp__reply_defer(pp_reply *r)
+{
+    reply_impl *ri = r->impl;
+    pp_dimpl *d = defer_open(ri);
+    if (d == NULL)
+        return NULL;
+    ri->rest_off = SIZE_MAX; /* run_handler: after the current message */
+    return &d->pub;
+}
+
+pp_deferred *pp_reply_defer_batch(pp_reply *r, size_t next)
+{
+    reply_impl *ri = r->impl;
+    if (ri->msgs == NULL || next > ri->nmsgs) {
+        errno = EINVAL;
+        return NULL;
+    }
+    pp_dimpl *d = defer_open(ri);
+    if (d == NULL)
+        return NULL;
+    const pp_buf *task = &ri->conn->task;
+    if (next == ri->nmsgs)
+        ri->rest_off = pp__buf_size(task);
+    else
+        ri->rest_off = (size_t)(ri->msgs[next].data - pp__buf_begin(task)) -
+                       pp__frame_prefix_len(&ri->srv->framing);
+    return &d->pub;
+}
 
 /* Checked after every message, so the check is inline and the send not. */
 static inline int maybe_flush(reply_impl *ri)
@@ -248,6 +316,12 @@ static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
         int st = srv->cfg.handler(srv->cfg.ctx, p + pos + fr.msg_off, fr.msg_len, r);
         pos += fr.frame_len;
         ++*nmsg;
+        if (ri->deferred) {
+            ri->rest_off = pos; /* the messages after this one wait for it */
+            return PP_DEFER;
+        }
+        if (st == PP_DEFER)
+            st = -EINVAL; /* nothing was deferred */
         int rc = reply_close(ri, st);
         if (rc < 0 && st >= 0)
             st = rc;
@@ -288,9 +362,20 @@ static int run_batch(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
         pos += fr.frame_len;
     }
     *nmsg = n;
+    reply_impl *ri = r->impl;
+    ri->msgs = w->msgs;
+    ri->nmsgs = n;
     int st = srv->cfg.batch(srv->cfg.ctx, r, w->msgs, n);
-    if (((reply_impl *)r->impl)->overflow)
+    ri->msgs = NULL;
+    if (ri->deferred) {
+        if (ri->rest_off == SIZE_MAX)
+            ri->rest_off = len; /* pp_reply_defer(): the whole batch */
+        return PP_DEFER;
+    }
+    if (ri->overflow)
         return -ENOBUFS;
+    if (st == PP_DEFER)
+        return -EINVAL;
     return st > 0 ? PP_CLOSE : st;
 }
 
@@ -333,17 +418,28 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     if (c->event == PP_EV_OPEN) {
         if (srv->cfg.on_open) {
             st = srv->cfg.on_open(srv->cfg.ctx, &r);
-            int rc = reply_close(&ri, st);
-            if (rc < 0 && st >= 0)
-                st = rc;
-            st = st > 0 ? PP_CLOSE : st;
+            if (ri.deferred) {
+                st = PP_DEFER;
+                ri.rest_off = 0; /* an open task holds no messages */
+            } else {
+                if (st == PP_DEFER)
+                    st = -EINVAL;
+                int rc = reply_close(&ri, st);
+                if (rc < 0 && st >= 0)
+                    st = rc;
+                st = st > 0 ? PP_CLOSE : st;
+            }
         }
     } else if (srv->cfg.handler) {
         st = run_handler(srv, w, c, &r, &ri, &nmsg);
     } else {
         st = run_batch(srv, w, c, &r, &nmsg);
     }
-    if (st == -ENOMEM)
+    if (st == PP_DEFER) {
+        c->def = ri.deferred;
+        c->rest_off = ri.rest_off;
+        pp__stat_add(&w->stats.deferred_total, 1);
+    } else if (st == -ENOMEM)
         pp__stat_add(&w->stats.nomem_errors, 1);
     else if (st == -ENOBUFS)
         pp__stat_add(&w->stats.output_overflows, 1);
@@ -356,7 +452,9 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
         /* Pushes were lost: none may follow the gap. */
         pp__push_refuse(srv, c);
         pp__stat_add(&w->stats.nomem_errors, 1);
-        if (st >= 0)
+        if (st == PP_DEFER)
+            c->send_error = ENOMEM; /* the I/O thread cuts it, handle and all */
+        else if (st >= 0)
             st = -ENOMEM;
     }
     if (c->send_error == 0 && pp__conn_pending(c) > 0) {

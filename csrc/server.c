@@ -58,7 +58,8 @@ static int validate(const pp_config *cfg)
     if (cfg->reject_message_len && cfg->reject_message == NULL)
         return -EINVAL;
     if (!(cfg->idle_timeout >= 0.0) || !(cfg->send_timeout >= 0.0) ||
-        cfg->idle_timeout > 86400.0 * 365 || cfg->send_timeout > 86400.0 * 365)
+        cfg->idle_timeout > 86400.0 * 365 || cfg->send_timeout > 86400.0 * 365 ||
+        !(cfg->reply_timeout >= 0.0) || cfg->reply_timeout > 86400.0 * 365)
         return -EINVAL;
     if (pp_backend_name(cfg->backend) == NULL)
         return -EINVAL;
@@ -171,6 +172,7 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     pp__list_init(&srv->idle_list);
     pp__list_init(&srv->send_list);
     pp__list_init(&srv->linger_list);
+    pp__list_init(&srv->defer_list);
     pp__list_init(&srv->push_ready);
     pp__list_init(&srv->registry);
     srv->idle_ms = (int64_t)(cfg->idle_timeout * 1000.0);
@@ -180,6 +182,9 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
         srv->idle_ms = 1;
     if (srv->stall_ms == 0 && cfg->send_timeout > 0.0)
         srv->stall_ms = 1;
+    srv->reply_ms = (int64_t)(cfg->reply_timeout * 1000.0);
+    if (srv->reply_ms == 0 && cfg->reply_timeout > 0.0)
+        srv->reply_ms = 1;
     if (srv->cfg.backlog <= 0)
         srv->cfg.backlog = 1024;
     if (srv->cfg.queue_size == 0)
@@ -196,6 +201,8 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     }
     srv->push_mu_init = 1;
     pp__push_services_init(srv);
+    if ((rc = pp__hub_new(srv)) < 0)
+        goto fail;
     /* Room for one largest frame plus its framing, and some pipelining;
      * saturated, so that a max_size near SIZE_MAX means "no limit" rather
      * than wrapping to a limit below the frames it allows. */
@@ -258,6 +265,7 @@ fail_pool:
 fail:
     if (srv->push_mu_init)
         pthread_mutex_destroy(&srv->push_mu);
+    pp__hub_release(srv);
     free(srv->shutdown_msg);
     free(srv->reject_msg);
     free(srv);
@@ -410,6 +418,14 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
     s->push_drops = PP_LD(srv->push_stats.push_drops);
     s->push_overflow_closes = PP_LD(srv->push_stats.push_overflow_closes);
     s->wakeups = PP_LD(srv->wakeups);
+    s->reply_timeouts = PP_LD(io->reply_timeouts);
+    s->deferred_cancelled = PP_LD(io->deferred_cancelled);
+    s->handler_errors = PP_LD(io->handler_errors);
+    s->replies = PP_LD(io->replies);
+    if (srv->hub != NULL) {
+        long pending = atomic_load(&srv->hub->pending);
+        s->deferred = pending > 0 ? (uint64_t)pending : 0;
+    }
     for (int i = 0; i < srv->pool.nthreads; i++) {
         const pp_wstats *w = &srv->pool.workers[i].stats;
         s->messages += PP_LD(w->messages);
@@ -419,6 +435,7 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
         s->write_errors += PP_LD(w->write_errors);
         s->nomem_errors += PP_LD(w->nomem_errors);
         s->output_overflows += PP_LD(w->output_overflows);
+        s->deferred_total += PP_LD(w->deferred_total);
     }
 #undef PP_LD
 }
@@ -430,6 +447,8 @@ void pp__server_destroy(pp_server *srv)
         pp__list_unlink(l);
         pp_conn *c = PP_CONTAINER(l, pp_conn, all);
         close(c->fd);
+        if (c->def != NULL)
+            (void)pp__deferred_drop(srv, c);
         pp__push_unregister(srv, c);
         pp__segq_free(&c->outq);
         pp__buf_free(&c->in);
@@ -440,6 +459,7 @@ void pp__server_destroy(pp_server *srv)
     free(srv->by_id);
     free(srv->topics); /* empty: a topic lives as long as a member */
     pthread_mutex_destroy(&srv->push_mu);
+    pp__hub_release(srv);
     srv->bk->destroy(srv);
     pp__listen_close(srv);
     wake_close(srv);

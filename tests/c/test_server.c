@@ -2922,6 +2922,546 @@ static void test_stress(void)
     }
 }
 
+/* ---- deferred replies -------------------------------------------------- */
+
+/* Handles waiting for a finisher, taken in random order. */
+typedef struct dqueue {
+    pthread_mutex_t mu;
+    pp_deferred **d;
+    const unsigned char **msg;
+    size_t *len;
+    size_t n, cap;
+} dqueue;
+
+static dqueue DQ = {.mu = PTHREAD_MUTEX_INITIALIZER};
+static atomic_int dq_stop;
+static atomic_int df_opens, df_closes, df_gone, df_in_task;
+static _Atomic uint64_t df_gone_id;
+
+static void dq_put(pp_deferred *d, const unsigned char *m, size_t n)
+{
+    pthread_mutex_lock(&DQ.mu);
+    if (DQ.n == DQ.cap) {
+        DQ.cap = DQ.cap ? DQ.cap * 2 : 256;
+        DQ.d = realloc(DQ.d, DQ.cap * sizeof *DQ.d);
+        DQ.msg = realloc(DQ.msg, DQ.cap * sizeof *DQ.msg);
+        DQ.len = realloc(DQ.len, DQ.cap * sizeof *DQ.len);
+        CHECK(DQ.d && DQ.msg && DQ.len);
+    }
+    DQ.d[DQ.n] = d;
+    DQ.msg[DQ.n] = m;
+    DQ.len[DQ.n] = n;
+    DQ.n++;
+    pthread_mutex_unlock(&DQ.mu);
+}
+
+/* Takes a random waiting handle; 0 if there is none. */
+static int dq_take(uint64_t *rng, pp_deferred **d, const unsigned char **m, size_t *n)
+{
+    pthread_mutex_lock(&DQ.mu);
+    if (DQ.n == 0) {
+        pthread_mutex_unlock(&DQ.mu);
+        return 0;
+    }
+    size_t i = check_rand(rng) % DQ.n;
+    *d = DQ.d[i];
+    *m = DQ.msg[i];
+    *n = DQ.len[i];
+    DQ.n--;
+    DQ.d[i] = DQ.d[DQ.n];
+    DQ.msg[i] = DQ.msg[DQ.n];
+    DQ.len[i] = DQ.len[DQ.n];
+    pthread_mutex_unlock(&DQ.mu);
+    return 1;
+}
+
+static void dq_free(void)
+{
+    free(DQ.d);
+    free(DQ.msg);
+    free(DQ.len);
+    DQ.d = NULL;
+    DQ.msg = NULL;
+    DQ.len = NULL;
+    DQ.n = DQ.cap = 0;
+}
+
+/* Writes the uppercased message into d in up to three pieces. */
+static void df_write_upper(pp_deferred *d, const unsigned char *m, size_t n, uint64_t *rng)
+{
+    unsigned char *u = malloc(n ? n : 1);
+    CHECK(u);
+    memcpy(u, m, n);
+    upper_bytes(u, n);
+    size_t a = n ? (size_t)check_rand(rng) % (n + 1) : 0;
+    size_t b = a + (n - a ? (size_t)check_rand(rng) % (n - a + 1) : 0);
+    CHECK_EQ(pp_deferred_write(d, u, a), 0);
+    CHECK_EQ(pp_deferred_write(d, u + a, b - a), 0);
+    CHECK_EQ(pp_deferred_write(d, u + b, n - b), 0);
+    free(u);
+}
+
+/* Commands: "now:..." defers and finishes in the call itself (before the
+ * task is back); "bad" returns PP_DEFER without deferring; "fail" defers
+ * and finishes with an error; "echo:..." replies at once; anything else is
+ * deferred to the finishers, who uppercase it.  The message is read by the
+ * finisher after the call: it stays valid until the finish. */
+static int df_handler(void *ctx, const unsigned char *m, size_t n, pp_reply *r)
+{
+    (void)ctx;
+    atomic_fetch_add(&df_in_task, 1);
+    if (n >= 5 && memcmp(m, "echo:", 5) == 0) {
+        atomic_fetch_sub(&df_in_task, 1);
+        return pp_reply_write(r, m, n) < 0 ? -1 : PP_KEEP;
+    }
+    if (is(m, n, "bad")) {
+        atomic_fetch_sub(&df_in_task, 1);
+        return PP_DEFER;
+    }
+    CHECK_EQ(pp_reply_write(r, "", 0), 0); /* an empty start is taken over */
+    pp_deferred *d = pp_reply_defer(r);
+    CHECK(d != NULL);
+    errno = 0;
+    CHECK(pp_reply_write(r, "x", 1) < 0 && errno == EINVAL);
+    CHECK(pp_reply_defer(r) == NULL && errno == EINVAL);
+    uint64_t rng = (uint64_t)(uintptr_t)m;
+    if (n >= 4 && memcmp(m, "now:", 4) == 0) {
+        df_write_upper(d, m, n, &rng);
+        CHECK_EQ(pp_deferred_finish(d, PP_KEEP), 0);
+    } else if (is(m, n, "fail")) {
+        CHECK_EQ(pp_deferred_write(d, "never", 5), 0);
+        CHECK_EQ(pp_deferred_finish(d, -1), 0);
+    } else {
+        dq_put(d, m, n);
+    }
+    atomic_fetch_sub(&df_in_task, 1);
+    return PP_DEFER;
+}
+
+static int df_open(void *ctx, pp_reply *r)
+{
+    (void)ctx;
+    atomic_fetch_add(&df_opens, 1);
+    (void)r;
+    return PP_KEEP;
+}
+
+static void df_close(void *ctx, uint64_t id)
+{
+    (void)ctx;
+    (void)id;
+    /* After the task that deferred: none is running for it now. */
+    atomic_fetch_add(&df_closes, 1);
+}
+
+static void df_gone_hook(void *ctx, uint64_t id)
+{
+    (void)ctx;
+    CHECK(id != 0);
+    atomic_store(&df_gone_id, id);
+    atomic_fetch_add(&df_gone, 1);
+}
+
+static void *df_finisher(void *arg)
+{
+    uint64_t rng = (uint64_t)(uintptr_t)arg * 0x9e3779b97f4a7c15ull;
+    for (;;) {
+        pp_deferred *d;
+        const unsigned char *m;
+        size_t n;
+        if (!dq_take(&rng, &d, &m, &n)) {
+            if (atomic_load(&dq_stop))
+                return NULL;
+            sched_yield();
+            continue;
+        }
+        df_write_upper(d, m, n, &rng);
+        CHECK_EQ(pp_deferred_finish(d, PP_KEEP), 0);
+    }
+}
+
+static void df_config(pp_config *cfg, const wire *w)
+{
+    config_for(cfg, w);
+    cfg->handler = df_handler;
+    cfg->on_open = df_open;
+    cfg->on_close = df_close;
+    cfg->deferred_gone = df_gone_hook;
+    atomic_store(&df_opens, 0);
+    atomic_store(&df_closes, 0);
+    atomic_store(&df_gone, 0);
+    atomic_store(&dq_stop, 0);
+}
+
+/* Every message deferred and finished by other threads in random order,
+ * 100 connections pipelining (half of them closing their side after the
+ * last request): each reply arrives once, byte-exact, in request order. */
+static void test_deferred_stress(const wire *w)
+{
+    alarm(150);
+    pp_config cfg;
+    df_config(&cfg, w);
+    cfg.threads = 4;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    enum { NFIN = 4, NCONN = 100 };
+    pthread_t fin[NFIN];
+    for (int i = 0; i < NFIN; i++)
+        CHECK_EQ(pthread_create(&fin[i], NULL, df_finisher, (void *)(uintptr_t)(i + 1)), 0);
+    size_t nmsg = scale_pct() < 50 ? 60 : scaled(1000, 60); /* valgrind: 6,000 */
+    session *ss = calloc(NCONN, sizeof *ss);
+    CHECK(ss);
+    for (int i = 0; i < NCONN; i++)
+        ss[i] = (session){.port = port, .w = w, .nmsg = nmsg, .min_len = 1,
+                          .max_len = 300, .upper = 1, .half_close = i % 2,
+                          .max_piece = i % 3 == 0 ? 50 : 4096,
+                          .seed = 7000 + (uint64_t)i, .id = i};
+    run_sessions(ss, NCONN);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.deferred_total, NCONN * nmsg);
+    CHECK_EQ(st.replies, NCONN * nmsg);
+    wait_active(srv, 0);
+    atomic_store(&dq_stop, 1);
+    for (int i = 0; i < NFIN; i++)
+        CHECK_EQ(pthread_join(fin[i], NULL), 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.deferred, 0);
+    CHECK_EQ(st.handler_errors, 0);
+    CHECK_EQ(atomic_load(&df_opens), NCONN);
+    CHECK_EQ(atomic_load(&df_closes), NCONN);
+    printf("  %llu deferred replies, %llu wake-ups\n",
+           (unsigned long long)st.deferred_total, (unsigned long long)st.wakeups);
+    sessions_free(ss, NCONN);
+    free(ss);
+    dq_free();
+}
+
+/* Finished in the call itself, an error finish, PP_DEFER without a handle,
+ * and a reply at once: in order, then the errors close. */
+static void test_deferred_edges(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LINE_LF);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    send_all(a, "now:a\necho:b\nnow:c\n", 19);
+    expect_reply(a, &LINE_LF, "NOW:A");
+    expect_reply(a, &LINE_LF, "echo:b");
+    expect_reply(a, &LINE_LF, "NOW:C");
+    /* An error finish: the replies before it go, its own never, then EOF. */
+    send_all(a, "now:d\nfail\necho:never\n", 22);
+    expect_reply(a, &LINE_LF, "NOW:D");
+    expect_eof(a);
+    close(a);
+    int b = client_connect(port);
+    send_all(b, "echo:e\nbad\necho:never\n", 22);
+    expect_reply(b, &LINE_LF, "echo:e");
+    expect_eof(b);
+    close(b);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.handler_errors, 2);
+    CHECK_EQ(st.deferred, 0);
+    CHECK_EQ(st.deferred_total, 4);
+    CHECK_EQ(atomic_load(&df_gone), 0);
+    dq_free();
+}
+
+static void wait_queued(size_t n)
+{
+    int64_t until = now_ms() + 10000;
+    for (;;) {
+        pthread_mutex_lock(&DQ.mu);
+        size_t k = DQ.n;
+        pthread_mutex_unlock(&DQ.mu);
+        if (k >= n)
+            return;
+        CHECK(now_ms() < until);
+        sleep_ms(2);
+    }
+}
+
+/* A peer that resets while its reply is deferred: the connection goes at
+ * once (its close event once, after the task), the gone hook names the
+ * handle, and the finish that comes later returns -ENOTCONN, leaking
+ * nothing.  A peer that only shuts its side gets the reply, then EOF. */
+static void test_deferred_peer_gone(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LINE_LF);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    send_all(a, "echo:1\nwait\necho:2\n", 19);
+    expect_reply(a, &LINE_LF, "echo:1");
+    wait_queued(1);
+    struct linger l = {1, 0};
+    CHECK(setsockopt(a, SOL_SOCKET, SO_LINGER, &l, sizeof l) == 0);
+    close(a);
+    WAIT_STAT(srv, closed, 1, 1);
+    int64_t until = now_ms() + 10000;
+    while (atomic_load(&df_closes) < 1) {
+        CHECK(now_ms() < until);
+        sleep_ms(1);
+    }
+    CHECK_EQ(atomic_load(&df_gone), 1);
+    pp_deferred *d;
+    const unsigned char *m;
+    size_t n;
+    uint64_t rng = 1;
+    CHECK(dq_take(&rng, &d, &m, &n));
+    CHECK_EQ(pp_deferred_id(d), atomic_load(&df_gone_id));
+    CHECK(is(m, n, "wait")); /* still readable: it went with the handle */
+    CHECK_EQ(pp_deferred_write(d, "late", 4), -ENOTCONN);
+    CHECK_EQ(pp_deferred_finish(d, PP_KEEP), -ENOTCONN);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.deferred, 0);
+
+    int b = client_connect(port);
+    send_all(b, "wait\n", 5);
+    CHECK(shutdown(b, SHUT_WR) == 0);
+    wait_queued(1);
+    expect_silence(b, 100);
+    CHECK(dq_take(&rng, &d, &m, &n));
+    CHECK_EQ(pp_deferred_write(d, "later", 5), 0);
+    CHECK_EQ(pp_deferred_finish(d, PP_KEEP), 0);
+    expect_reply(b, &LINE_LF, "later");
+    expect_eof(b);
+    close(b);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(atomic_load(&df_closes), 2);
+    CHECK_EQ(atomic_load(&df_gone), 1);
+    dq_free();
+}
+
+/* reply_timeout closes the connection whose reply never comes, and nothing
+ * else: a neighbour is served throughout, and idle_timeout does not count a
+ * connection that waits for its reply as idle. */
+static void test_reply_timeout(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LINE_LF);
+    cfg.reply_timeout = 0.6;
+    cfg.idle_timeout = 0.2;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port), b = client_connect(port);
+    send_str(a, &LINE_LF, "stuck");
+    wait_queued(1);
+    /* b keeps talking until a is cut: by reply_timeout, not idle_timeout. */
+    struct pollfd p = {a, POLLIN, 0};
+    while (poll(&p, 1, 0) == 0) {
+        send_str(b, &LINE_LF, "echo:alive");
+        expect_reply(b, &LINE_LF, "echo:alive");
+        sleep_ms(20);
+    }
+    expect_eof(a);
+    close(a);
+    pp_stats st;
+    WAIT_STAT(srv, reply_timeouts, 1, 1);
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.idle_closes, 0);
+    send_str(b, &LINE_LF, "echo:still");
+    expect_reply(b, &LINE_LF, "echo:still");
+    pp_deferred *d;
+    const unsigned char *m;
+    size_t n;
+    uint64_t rng = 1;
+    CHECK(dq_take(&rng, &d, &m, &n));
+    CHECK_EQ(pp_deferred_finish(d, PP_KEEP), -ENOTCONN);
+    expect_eof(b); /* now silent: idle_timeout */
+    close(b);
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.reply_timeouts, 1);
+    CHECK_EQ(st.idle_closes, 1);
+    CHECK_EQ(atomic_load(&df_gone), 1);
+    dq_free();
+}
+
+static void *df_late_finisher(void *arg)
+{
+    (void)arg;
+    sleep_ms(100);
+    pp_deferred *d;
+    const unsigned char *m;
+    size_t n;
+    uint64_t rng = 1;
+    while (!dq_take(&rng, &d, &m, &n))
+        sleep_ms(1);
+    /* "soon" and "never" are queued: finish "soon" only. */
+    if (is(m, n, "never")) {
+        dq_put(d, m, n);
+        while (!dq_take(&rng, &d, &m, &n) || !is(m, n, "soon")) {
+            dq_put(d, m, n);
+            sleep_ms(1);
+        }
+    }
+    CHECK_EQ(pp_deferred_write(d, "SOON", 4), 0);
+    CHECK_EQ(pp_deferred_finish(d, PP_KEEP), 0);
+    return NULL;
+}
+
+/* A graceful stop waits for deferred replies: one that comes within the
+ * drain timeout is delivered, then the goodbye; one that does not is
+ * cancelled at the deadline (counted, its connection closed), and the stop
+ * is still graceful.  The late finish finds it gone. */
+static void test_deferred_drain(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LINE_LF);
+    cfg.drain_timeout = 0.6;
+    cfg.shutdown_message = (const unsigned char *)"bye";
+    cfg.shutdown_message_len = 3;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port), b = client_connect(port);
+    send_str(a, &LINE_LF, "soon");
+    send_str(b, &LINE_LF, "never");
+    wait_queued(2);
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, df_late_finisher, NULL), 0);
+    pp_server_stop(srv, 0);
+    expect_reply(a, &LINE_LF, "SOON");
+    expect_reply(a, &LINE_LF, "bye");
+    expect_eof(a);
+    expect_eof(b);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECK(!pp_server_was_forced(srv));
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.deferred_cancelled, 1);
+    CHECK_EQ(st.forced_closes, 0);
+    CHECK_EQ(st.active, 0);
+    pp_deferred *d;
+    const unsigned char *m;
+    size_t n;
+    uint64_t rng = 1;
+    CHECK(dq_take(&rng, &d, &m, &n));
+    CHECK(is(m, n, "never"));
+    pp_server_free(srv);
+    /* After the server is freed too: the handle is still the caller's. */
+    CHECK_EQ(pp_deferred_finish(d, PP_KEEP), -ENOTCONN);
+    close(a);
+    close(b);
+    dq_free();
+}
+
+/* The open hook defers its greeting: a message sent at once waits for it. */
+static pp_deferred *greeting;
+static int df_open_defer(void *ctx, pp_reply *r)
+{
+    (void)ctx;
+    CHECK_EQ(pp_reply_write(r, "hel", 3), 0); /* taken over with the reply */
+    pp_deferred *d = pp_reply_defer(r);
+    CHECK(d != NULL);
+    __atomic_store_n(&greeting, d, __ATOMIC_RELEASE);
+    return PP_KEEP; /* taken as PP_DEFER */
+}
+
+static void test_deferred_open(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LENGTH4);
+    cfg.on_open = df_open_defer;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    send_str(a, &LENGTH4, "echo:first");
+    int64_t until = now_ms() + 10000;
+    while (__atomic_load_n(&greeting, __ATOMIC_ACQUIRE) == NULL) {
+        CHECK(now_ms() < until);
+        sleep_ms(1);
+    }
+    expect_silence(a, 100);
+    pp_deferred *d = __atomic_load_n(&greeting, __ATOMIC_ACQUIRE);
+    CHECK_EQ(pp_deferred_write(d, "lo", 2), 0);
+    CHECK_EQ(pp_deferred_finish(d, PP_KEEP), 0);
+    expect_reply(a, &LENGTH4, "hello");
+    expect_reply(a, &LENGTH4, "echo:first");
+    close(a);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.deferred_total, 1);
+}
+
+/* A batch handler defers the reply of one message; those after it run
+ * after the finish, in a batch of their own. */
+static atomic_int dfb_calls;
+static int df_batch(void *ctx, pp_reply *r, const pp_msg *msgs, size_t n)
+{
+    (void)ctx;
+    atomic_fetch_add(&dfb_calls, 1);
+    for (size_t i = 0; i < n; i++) {
+        if (is(msgs[i].data, msgs[i].len, "later")) {
+            pp_deferred *d = pp_reply_defer_batch(r, i + 1);
+            CHECK(d != NULL);
+            CHECK(pp_reply_defer_batch(r, i + 1) == NULL);
+            dq_put(d, msgs[i].data, msgs[i].len);
+            return PP_DEFER;
+        }
+        if (pp_reply_send(r, msgs[i].data, msgs[i].len) < 0)
+            return -1;
+    }
+    return PP_KEEP;
+}
+
+static void test_deferred_batch(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LENGTH4);
+    cfg.handler = NULL;
+    cfg.batch = df_batch;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    int a = client_connect(port);
+    bytes b = {0};
+    frame_put(&b, &LENGTH4, "one", 3);
+    frame_put(&b, &LENGTH4, "later", 5);
+    frame_put(&b, &LENGTH4, "two", 3);
+    frame_put(&b, &LENGTH4, "three", 5);
+    send_all(a, b.p, b.n);
+    bytes_free(&b);
+    expect_reply(a, &LENGTH4, "one");
+    wait_queued(1);
+    expect_silence(a, 50);
+    pp_deferred *d;
+    const unsigned char *m;
+    size_t n;
+    uint64_t rng = 1;
+    CHECK(dq_take(&rng, &d, &m, &n));
+    static const unsigned char framed[] = {0, 0, 0, 1, 'L', 0, 0, 0, 1, 'M'};
+    CHECK_EQ(pp_deferred_write_framed(d, framed, sizeof framed, 2), 0);
+    CHECK_EQ(pp_deferred_write(d, "N", 1), 0);
+    CHECK_EQ(pp_deferred_write_framed(d, framed, 5, 1), -EINVAL);
+    CHECK_EQ(pp_deferred_finish(d, PP_KEEP), 0);
+    expect_reply(a, &LENGTH4, "L");
+    expect_reply(a, &LENGTH4, "M");
+    expect_reply(a, &LENGTH4, "N");
+    expect_reply(a, &LENGTH4, "two");
+    expect_reply(a, &LENGTH4, "three");
+    close(a);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(atomic_load(&dfb_calls), 2);
+    CHECK_EQ(st.replies, 6);
+    dq_free();
+}
+
 static int g_argc;
 static char **g_argv;
 
@@ -3032,6 +3572,14 @@ int main(int argc, char **argv)
     RUN("push_stress_graceful", test_push_stress(0));
     RUN("push_stress_forced", test_push_stress(1));
     RUN("accepts_bounded", test_accepts_bounded());
+    RUN("deferred_stress_line", test_deferred_stress(&LINE_LF));
+    RUN("deferred_stress_length", test_deferred_stress(&LENGTH4));
+    RUN("deferred_edges", test_deferred_edges());
+    RUN("deferred_peer_gone", test_deferred_peer_gone());
+    RUN("reply_timeout", test_reply_timeout());
+    RUN("deferred_drain", test_deferred_drain());
+    RUN("deferred_open", test_deferred_open());
+    RUN("deferred_batch", test_deferred_batch());
     RUN("on_worker", test_on_worker());
     RUN("oversize_line", test_oversize_line());
     RUN("oversize_header4", test_oversize_length_header(4));

@@ -1,0 +1,267 @@
+/*
+ * defer.c - replies that come later: the handle a handler takes its reply
+ * over with (pollpool.h's pp_reply_defer), written and finished from any
+ * thread.
+ *
+ * A handle never touches its connection.  It holds the reply in a buffer of
+ * its own, and its finish puts it on the hub's finished list and wakes the
+ * I/O thread, which alone moves the reply into the connection's output
+ * (loop.c, deferred_apply).  Who wins between a finish and the connection's
+ * end (a reset, reply_timeout, the drain's end) is decided once, under the
+ * hub's lock, by the handle's state: PENDING becomes FINISHED (the finish
+ * won; the I/O thread applies it, or drops it if the connection goes before
+ * it could) or GONE (the connection went first; the finish only frees the
+ * handle and returns -ENOTCONN).  The hub outlives the server for as long as
+ * a handle does, so a finish after pp_server_free() is safe too.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+/* Unique for the process: a handle's id outlives the handle (deferred_gone
+ * reports it after another thread may have freed it), so it must never come
+ * back for another handle. */
+static _Atomic uint64_t next_id;
+
+static void hub_unref(pp_hub *hub)
+{
+    if (atomic_fetch_sub(&hub->refs, 1) == 1) {
+        pthread_mutex_destroy(&hub->mu);
+        free(hub);
+    }
+}
+
+int pp__hub_new(pp_server *srv)
+{
+    pp_hub *hub = calloc(1, sizeof *hub);
+    if (hub == NULL)
+        return -ENOMEM;
+    int rc = pthread_mutex_init(&hub->mu, NULL);
+    if (rc != 0) {
+        free(hub);
+        return -rc;
+    }
+    atomic_init(&hub->refs, 1);
+    hub->srv = srv;
+    pp__list_init(&hub->finished);
+    hub->framing = srv->framing;
+    srv->hub = hub;
+    return 0;
+}
+
+static int d_write(pp_deferred *pub, const void *data, size_t len);
+static int d_finish(pp_deferred *pub, int status);
+
+static const pp_deferred_ops ops = {d_write, d_finish};
+
+pp_dimpl *pp__deferred_new(pp_server *srv, pp_conn *c)
+{
+    pp_dimpl *d = calloc(1, sizeof *d);
+    if (d == NULL)
+        return NULL;
+    d->pub.ops = &ops;
+    d->hub = srv->hub;
+    d->conn = c;
+    d->conn_id = c->id;
+    d->id = atomic_fetch_add(&next_id, 1) + 1;
+    atomic_init(&d->state, PP_D_PENDING);
+    atomic_fetch_add(&srv->hub->refs, 1);
+    atomic_fetch_add(&srv->hub->pending, 1);
+    return d;
+}
+
+void pp__deferred_free(pp_dimpl *d)
+{
+    pp_hub *hub = d->hub;
+    pp__buf_free(&d->out);
+    pp__buf_free(&d->keep);
+    free(d);
+    hub_unref(hub);
+}
+
+uint64_t pp_deferred_id(const pp_deferred *pub)
+{
+    return ((const pp_dimpl *)pub)->id;
+}
+
+uint64_t pp_deferred_conn_id(const pp_deferred *pub)
+{
+    return ((const pp_dimpl *)pub)->conn_id;
+}
+
+static int gone(const pp_dimpl *d)
+{
+    return atomic_load_explicit(&d->state, memory_order_relaxed) == PP_D_GONE;
+}
+
+static int d_write(pp_deferred *pub, const void *data, size_t len)
+{
+    pp_dimpl *d = (pp_dimpl *)pub;
+    const pp_framing *f = &d->hub->framing;
+    pp_buf *out = &d->out;
+    if (gone(d))
+        return -ENOTCONN;
+    if (d->error)
+        return -d->error;
+    if (!d->open) {
+        size_t prefix = pp__frame_prefix_len(f);
+        if (len > SIZE_MAX - prefix - f->delim_len ||
+            pp__buf_reserve(out, prefix + len + f->delim_len) < 0)
+            return -ENOMEM; /* nothing begun: the handle is as it was */
+        out->len += prefix;
+        d->mark = pp__buf_size(out);
+        d->open = 1;
+    } else if (pp__buf_reserve(out, len) < 0) {
+        d->error = ENOMEM;
+        return -ENOMEM;
+    }
+    if (len > f->reply_max - (pp__buf_size(out) - d->mark)) {
+        d->error = EMSGSIZE;
+        return -EMSGSIZE;
+    }
+    if (len)
+        memcpy(out->data + out->len, data, len);
+    out->len += len;
+    return 0;
+}
+
+int pp_deferred_write_framed(pp_deferred *pub, const void *data, size_t len,
+                             size_t nreplies)
+{
+    pp_dimpl *d = (pp_dimpl *)pub;
+    if (d->open)
+        return -EINVAL;
+    if (gone(d))
+        return -ENOTCONN;
+    if (pp__buf_append(&d->out, data, len) < 0)
+        return -ENOMEM;
+    d->nreplies += nreplies;
+    return 0;
+}
+
+/* Ends the open reply: framed if all went well, else taken back, so that
+ * only whole replies are ever applied.  Returns the status to apply. */
+static int close_open(pp_dimpl *d, int status)
+{
+    int st = status;
+    if (d->error && st >= 0)
+        st = -d->error; /* a failed write voids the reply: close, as a handler error */
+    if (!d->open)
+        return st;
+    d->open = 0;
+    const pp_framing *f = &d->hub->framing;
+    size_t body = pp__buf_size(&d->out) - d->mark;
+    if (st >= 0) {
+        int rc = pp__frame_finish(f, &d->out, body);
+        if (rc == 0) {
+            d->nreplies++;
+            return st;
+        }
+        st = rc;
+    }
+    d->out.len -= body + pp__frame_prefix_len(f);
+    return st;
+}
+
+static int d_finish(pp_deferred *pub, int status)
+{
+    pp_dimpl *d = (pp_dimpl *)pub;
+    pp_hub *hub = d->hub;
+    int st = close_open(d, status);
+    pthread_mutex_lock(&hub->mu);
+    if (atomic_load_explicit(&d->state, memory_order_relaxed) == PP_D_GONE ||
+        hub->srv == NULL) {
+        pthread_mutex_unlock(&hub->mu);
+        pp__deferred_free(d);
+        return -ENOTCONN;
+    }
+    d->status = st;
+    atomic_store_explicit(&d->state, PP_D_FINISHED, memory_order_relaxed);
+    pp__list_append(&hub->finished, &d->link);
+    atomic_store(&hub->has_finished, 1);
+    /* Inside the lock: the server (and its wake fd) cannot be freed while
+     * the lock is held, since its release takes it first. */
+    pp__loop_notify(hub->srv);
+    pthread_mutex_unlock(&hub->mu);
+    return 0;
+}
+
+pp_dimpl *pp__deferred_take(pp_server *srv)
+{
+    pp_hub *hub = srv->hub;
+    if (!atomic_load(&hub->has_finished))
+        return NULL;
+    pp_dimpl *head = NULL, **tail = &head;
+    pthread_mutex_lock(&hub->mu);
+    atomic_store(&hub->has_finished, 0);
+    pp_link *l;
+    while ((l = pp__list_first(&hub->finished)) != NULL) {
+        pp__list_unlink(l);
+        pp_dimpl *d = PP_CONTAINER(l, pp_dimpl, link);
+        /* Off every list now: link.next chains the taken ones. */
+        d->link.next = NULL;
+        *tail = d;
+        tail = (pp_dimpl **)(void *)&d->link.next;
+    }
+    pthread_mutex_unlock(&hub->mu);
+    return head;
+}
+
+uint64_t pp__deferred_drop(pp_server *srv, pp_conn *c)
+{
+    pp_dimpl *d = c->def;
+    pp_hub *hub = srv->hub;
+    c->def = NULL;
+    atomic_fetch_sub(&hub->pending, 1);
+    if (c->flags & PP_C_DEF_READY) {
+        /* Finished and taken already: only this thread can reach it. */
+        c->flags &= ~PP_C_DEF_READY;
+        pp__deferred_free(d);
+        return 0;
+    }
+    pthread_mutex_lock(&hub->mu);
+    if (atomic_load_explicit(&d->state, memory_order_relaxed) == PP_D_FINISHED) {
+        pp__list_unlink(&d->link);
+        pthread_mutex_unlock(&hub->mu);
+        pp__deferred_free(d);
+        return 0;
+    }
+    /* The finish is still to come, maybe from a batch handler still reading
+     * the messages it deferred: they go with the handle. */
+    d->keep = c->task;
+    memset(&c->task, 0, sizeof c->task);
+    d->conn = NULL;
+    atomic_store_explicit(&d->state, PP_D_GONE, memory_order_relaxed);
+    uint64_t id = d->id;
+    pthread_mutex_unlock(&hub->mu);
+    return id;
+}
+
+void pp__hub_release(pp_server *srv)
+{
+    pp_hub *hub = srv->hub;
+    if (hub == NULL)
+        return;
+    pthread_mutex_lock(&hub->mu);
+    hub->srv = NULL;
+    /* Handles finished for connections that are gone with the server. */
+    pp_link *l;
+    while ((l = pp__list_first(&hub->finished)) != NULL) {
+        pp__list_unlink(l);
+        pp_dimpl *d = PP_CONTAINER(l, pp_dimpl, link);
+        atomic_fetch_sub(&hub->pending, 1);
+        pp__buf_free(&d->out);
+        pp__buf_free(&d->keep);
+        free(d);
+        atomic_fetch_sub(&hub->refs, 1); /* not the last: the server's is held */
+    }
+    pthread_mutex_unlock(&hub->mu);
+    srv->hub = NULL;
+    hub_unref(hub);
+}
