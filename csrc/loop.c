@@ -840,6 +840,11 @@ static void deferred_apply(pp_server *srv, pp_conn *c)
     srv->ndeferred--;
     atomic_fetch_sub(&srv->hub->pending, 1);
     int st = d->status;
+    /* Pushes made while the reply was pending went out as they came; those
+     * made just before the finish (by its own handler, say) go before the
+     * reply too, whichever thread took them. */
+    if (atomic_load_explicit(&c->outbox_has, memory_order_relaxed))
+        conn_take_pushes(srv, c);
     if (pp__buf_size(&d->out) > 0) {
         if (pp__buf_size(&c->out) == 0) {
             pp_buf t = c->out; /* the handle's buffer becomes the output */

@@ -33,6 +33,7 @@ typedef struct reply_impl {
     size_t rest_off;    /* then: where the messages after it begin in task */
     const pp_msg *msgs; /* a batch call's messages */
     size_t nmsgs;
+    size_t handled;     /* pp_reply_defer_batch(): messages before next */
 } reply_impl;
 
 static int reply_write(pp_reply *r, const void *data, size_t len)
@@ -155,6 +156,7 @@ pp_deferred *pp_reply_defer_batch(pp_reply *r, size_t next)
     if (d == NULL)
         return NULL;
     const pp_buf *task = &ri->conn->task;
+    ri->handled = next;
     if (next == ri->nmsgs)
         ri->rest_off = pp__buf_size(task);
     else
@@ -370,6 +372,8 @@ static int run_batch(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
     if (ri->deferred) {
         if (ri->rest_off == SIZE_MAX)
             ri->rest_off = len; /* pp_reply_defer(): the whole batch */
+        else
+            *nmsg = ri->handled; /* the rest are counted when they run */
         return PP_DEFER;
     }
     if (ri->overflow)

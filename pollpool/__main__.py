@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "many seconds (default 60; 0: never)")
     p.add_argument("--output-limit", type=int, default=64 * 1024 * 1024,
                    help="pending output per connection that closes it (bytes; 0: none)")
+    p.add_argument("--reply-timeout", type=float, default=0.0,
+                   help="close a connection whose deferred or async reply takes this many "
+                        "seconds (default 0: no limit)")
     p.add_argument("--reject-message", default=None,
                    help="with --max-connections: accept extra clients, send this, close "
                         "(default: pause accepting)")
@@ -104,6 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             reject_message=None if args.reject_message is None else args.reject_message.encode(),
             backend=args.backend,
             processes=args.processes,
+            reply_timeout=args.reply_timeout,
         )
         host, port = server.listen()
     except (ValueError, TypeError, ImportError, AttributeError) as e:

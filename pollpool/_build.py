@@ -23,6 +23,7 @@ CDEF = """
 #define PP_MAX_DELIMITER 16
 #define POLLPOOL_ABI_VERSION 2
 #define POLLPOOL_ABI_MIN 1
+#define PP_DEFER 2
 
 typedef struct pp_reply pp_reply;
 typedef int (*pp_handler_fn)(void *ctx, const unsigned char *msg, size_t len,
@@ -64,6 +65,8 @@ typedef struct pp_config {
     void (*worker_exit)(void *ctx);
     size_t push_limit;
     int push_overflow;
+    double reply_timeout;
+    void (*deferred_gone)(void *ctx, uint64_t deferred_id);
 } pp_config;
 
 typedef struct pp_stats {
@@ -91,7 +94,13 @@ typedef struct pp_stats {
     uint64_t push_drops;
     uint64_t push_overflow_closes;
     uint64_t wakeups;
+    uint64_t deferred;
+    uint64_t deferred_total;
+    uint64_t reply_timeouts;
+    uint64_t deferred_cancelled;
 } pp_stats;
+
+typedef struct pp_deferred pp_deferred;
 
 typedef struct pp_server pp_server;
 
@@ -121,6 +130,8 @@ int pp_server_subscribe(pp_server *srv, uint64_t id, const void *topic, size_t t
 int pp_server_unsubscribe(pp_server *srv, uint64_t id, const void *topic, size_t tlen);
 int pp_server_close_conn(pp_server *srv, uint64_t id);
 long long pp_server_pending(pp_server *srv, uint64_t id);
+pp_deferred *pp_reply_defer_batch(pp_reply *reply, size_t next);
+uint64_t pp_deferred_id(const pp_deferred *d);
 #define PP_PUSH_CLOSE 0
 #define PP_PUSH_DROP 1
 
@@ -147,9 +158,34 @@ int pp_py_parent_death_signal(int sig);
 typedef struct pp_pyfast {
     void *fn;
     void *report;
+    void *attach;
 } pp_pyfast;
 int pp_py_fast_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n);
 void pp_py_fast_worker_exit(void *ctx);
+typedef struct pp_pyitem {
+    int kind;
+    uint64_t conn_id;
+    uint64_t handle_id;
+    pp_deferred *handle;
+    const char *block;
+    size_t block_len;
+    size_t n;
+    pp_pymsg *msgs;
+    char host[64];
+    int port;
+} pp_pyitem;
+typedef struct pp_pyloop pp_pyloop;
+pp_pyloop *pp_py_aloop_new(int open_events);
+int pp_py_aloop_fd(pp_pyloop *q);
+void pp_py_aloop_free(pp_pyloop *q);
+size_t pp_py_aloop_take(pp_pyloop *q, pp_pyitem **out);
+void pp_py_aloop_release(pp_pyitem *items, size_t n);
+int pp_py_async_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n);
+int pp_py_async_open(void *ctx, pp_reply *reply);
+void pp_py_async_close(void *ctx, uint64_t conn_id);
+void pp_py_async_gone(void *ctx, uint64_t handle_id);
+int pp_py_finish(pp_deferred *d, const char *data, size_t len, size_t count,
+                 int status);
 """
 
 # The glue's C source lives in _glue.c beside this file; cffi compiles it into

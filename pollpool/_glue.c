@@ -108,6 +108,8 @@ const char *pp_py_dlerror(void)
 typedef struct pp_pyfast {
     void *fn;       /* PyObject *: the handler; the Server keeps it alive */
     void *report;   /* PyObject *: report(code, conn_id, obj) logs a failure */
+    void *attach;   /* PyObject *: attach(future, handle, conn_id) replies
+                       with the future's result once it is done */
 } pp_pyfast;
 
 enum { PP_FAST_RAISED = 0, PP_FAST_BAD_TYPE = 1, PP_FAST_TOO_LONG = 2,
@@ -216,6 +218,29 @@ int pp_py_fast_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
             }
             p = PyBytes_AsString(copy);
             len = PyBytes_Size(copy);
+        } else if (PyObject_HasAttrString(out, "add_done_callback")) {
+            /* A future: its result is this message's reply, and the
+             * messages after it wait for it. */
+            pp_deferred *d = pp_reply_defer_batch(reply, i + 1);
+            if (d == NULL) {
+                Py_DECREF(out);
+                fast_report(f, PP_FAST_NOMEM, conn_id, NULL);
+                status = -1;
+                break;
+            }
+            PyObject *h = PyLong_FromVoidPtr(d);
+            PyObject *id = h ? PyLong_FromUnsignedLongLong(conn_id) : NULL;
+            PyObject *r = id ? PyObject_CallFunctionObjArgs(f->attach, out, h, id, NULL) : NULL;
+            Py_XDECREF(h);
+            Py_XDECREF(id);
+            Py_DECREF(out);
+            if (r == NULL) {
+                pp_deferred_finish(d, -1); /* not attached: close, as a raise */
+                fast_report_raised(f, conn_id);
+            }
+            Py_XDECREF(r);
+            status = PP_DEFER;
+            break;
         } else {
             fast_report(f, PP_FAST_BAD_TYPE, conn_id, out);
             Py_DECREF(out);
@@ -240,6 +265,202 @@ int pp_py_fast_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
     }
     fast_leave();
     return status;
+}
+
+/* ---- coroutine handlers: the hand-off to an asyncio loop -------------------
+ * A coroutine handler's tasks never take the GIL on a worker: the batch hook
+ * defers the whole task (pp_reply_defer_batch), appends one item (handle,
+ * connection, messages) to the inbox and, if the loop is waiting, writes its
+ * eventfd once.  The loop's reader (server.py's _AsyncRunner) takes every
+ * item queued since in one call, runs the coroutines, and finishes each
+ * handle with the framed replies (pp_py_finish): one hand-off per batch of
+ * tasks, and the replies go out through the C core. */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+
+enum { PP_AI_MESSAGES = 0, PP_AI_OPEN = 1, PP_AI_CLOSE = 2, PP_AI_CANCEL = 3 };
+
+typedef struct pp_pyitem {
+    int kind;               /* PP_AI_* */
+    uint64_t conn_id;
+    uint64_t handle_id;     /* the handle's id; for CANCEL, the one gone */
+    pp_deferred *handle;    /* MESSAGES, OPEN; NULL otherwise */
+    const char *block;      /* MESSAGES: from the first message to the end of the last */
+    size_t block_len;
+    size_t n;               /* messages */
+    pp_pymsg *msgs;         /* n of them (malloc'd with the item list) */
+    char host[64];          /* OPEN: the peer */
+    int port;
+} pp_pyitem;
+
+typedef struct pp_pyloop {
+    pthread_mutex_t mu;
+    pp_pyitem *items;       /* mu: queued */
+    size_t n, cap;
+    int armed;              /* mu: the loop waits for the eventfd */
+    int efd;
+    int open_events;        /* connection-aware: open/close items too */
+} pp_pyloop;
+
+pp_pyloop *pp_py_aloop_new(int open_events)
+{
+    pp_pyloop *q = calloc(1, sizeof *q);
+    if (q == NULL)
+        return NULL;
+    q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (q->efd < 0 || pthread_mutex_init(&q->mu, NULL) != 0) {
+        if (q->efd >= 0)
+            close(q->efd);
+        free(q);
+        return NULL;
+    }
+    q->armed = 1;
+    q->open_events = open_events;
+    return q;
+}
+
+int pp_py_aloop_fd(pp_pyloop *q)
+{
+    return q->efd;
+}
+
+static void items_free(pp_pyitem *items, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(items[i].msgs);
+    free(items);
+}
+
+/* Only once no thread can queue (the server is freed). Handles still in it
+ * are finished as gone. */
+void pp_py_aloop_free(pp_pyloop *q)
+{
+    for (size_t i = 0; i < q->n; i++)
+        if (q->items[i].handle != NULL)
+            pp_deferred_finish(q->items[i].handle, -1);
+    items_free(q->items, q->n);
+    close(q->efd);
+    pthread_mutex_destroy(&q->mu);
+    free(q);
+}
+
+/* Appends an item (copied); 0 or -ENOMEM.  Any thread but the loop's. */
+static int aloop_put(pp_pyloop *q, const pp_pyitem *it)
+{
+    pthread_mutex_lock(&q->mu);
+    if (q->n == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 64;
+        pp_pyitem *v = realloc(q->items, cap * sizeof *v);
+        if (v == NULL) {
+            pthread_mutex_unlock(&q->mu);
+            return -ENOMEM;
+        }
+        q->items = v;
+        q->cap = cap;
+    }
+    q->items[q->n++] = *it;
+    if (q->armed) {
+        q->armed = 0;
+        uint64_t one = 1;
+        ssize_t k;
+        do
+            k = write(q->efd, &one, sizeof one);
+        while (k < 0 && errno == EINTR);
+        /* EAGAIN: the counter is full, so the loop is woken anyway. */
+    }
+    pthread_mutex_unlock(&q->mu);
+    return 0;
+}
+
+/* The loop's reader: every item queued since the last call (*out, to pass
+ * to pp_py_aloop_release), and the loop is armed again.  Returns the count. */
+size_t pp_py_aloop_take(pp_pyloop *q, pp_pyitem **out)
+{
+    uint64_t v;
+    ssize_t k;
+    do
+        k = read(q->efd, &v, sizeof v);
+    while (k < 0 && errno == EINTR);
+    pthread_mutex_lock(&q->mu);
+    *out = q->items;
+    size_t n = q->n;
+    q->items = NULL;
+    q->n = q->cap = 0;
+    q->armed = 1;
+    pthread_mutex_unlock(&q->mu);
+    return n;
+}
+
+void pp_py_aloop_release(pp_pyitem *items, size_t n)
+{
+    items_free(items, n);
+}
+
+int pp_py_async_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
+{
+    pp_pyloop *q = ctx;
+    pp_pyitem it = {.kind = PP_AI_MESSAGES, .conn_id = pp_reply_conn_id(reply), .n = n};
+    it.msgs = malloc(n * sizeof *it.msgs);
+    if (it.msgs == NULL)
+        return -1;
+    memcpy(it.msgs, msgs, n * sizeof *it.msgs);
+    it.block = (const char *)msgs[0].data;
+    it.block_len = (size_t)((const char *)msgs[n - 1].data - it.block) + msgs[n - 1].len;
+    /* The messages stay where they are until the finish (the core keeps
+     * them for the handle, even when the connection goes first). */
+    it.handle = pp_reply_defer_batch(reply, n);
+    if (it.handle == NULL) {
+        free(it.msgs);
+        return -1;
+    }
+    it.handle_id = pp_deferred_id(it.handle);
+    if (aloop_put(q, &it) < 0) {
+        free(it.msgs);
+        pp_deferred_finish(it.handle, -1);
+    }
+    return PP_DEFER;
+}
+
+int pp_py_async_open(void *ctx, pp_reply *reply)
+{
+    pp_pyloop *q = ctx;
+    pp_pyitem it = {.kind = PP_AI_OPEN, .conn_id = pp_reply_conn_id(reply)};
+    pp_reply_peer(reply, it.host, sizeof it.host, &it.port);
+    it.handle = pp_reply_defer(reply);
+    if (it.handle == NULL)
+        return -1;
+    it.handle_id = pp_deferred_id(it.handle);
+    if (aloop_put(q, &it) < 0)
+        pp_deferred_finish(it.handle, -1);
+    return PP_DEFER;
+}
+
+void pp_py_async_close(void *ctx, uint64_t conn_id)
+{
+    pp_pyitem it = {.kind = PP_AI_CLOSE, .conn_id = conn_id};
+    (void)aloop_put(ctx, &it); /* ENOMEM: on_disconnect is lost, logged by nobody */
+}
+
+/* The I/O thread: a handle's connection went first: cancel its coroutine. */
+void pp_py_async_gone(void *ctx, uint64_t handle_id)
+{
+    pp_pyitem it = {.kind = PP_AI_CANCEL, .handle_id = handle_id};
+    (void)aloop_put(ctx, &it);
+}
+
+/* Ends a deferred reply with len bytes holding count framed replies: one
+ * call from Python.  0 or -errno (ENOTCONN: the connection is gone). */
+int pp_py_finish(pp_deferred *d, const char *data, size_t len, size_t count, int status)
+{
+    if (len > 0) {
+        int rc = pp_deferred_write_framed(d, data, len, count);
+        if (rc < 0 && status >= 0)
+            status = rc;
+    }
+    return pp_deferred_finish(d, status);
 }
 
 /* A forked server process asks for sig when its parent dies, so that no

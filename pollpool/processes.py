@@ -570,8 +570,11 @@ def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: in
             _send(sock, msg)
 
     try:
+        # A loop given to the parent is not this process's: a coroutine
+        # handler runs on a loop of the child's own.
         srv = Server(parent.handler, **{**parent._kwargs, "port": port, "processes": 1,
-                                        "reuse_port": True, "backend": parent.backend})
+                                        "reuse_port": True, "backend": parent.backend,
+                                        "loop": None})
         srv.listen()
     except OSError as e:
         send({"error": str(e), "errno": e.errno})

@@ -14,6 +14,7 @@ import threading
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
+from ._async import AsyncRunner, attacher, is_async_handler
 from ._core import ffi, lib
 from .connection import Connection
 from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
@@ -34,6 +35,7 @@ STAT_FIELDS = (
     "write_errors", "nomem_errors", "accept_paused", "forced_closes",
     "rejected", "idle_closes", "send_timeouts", "output_overflows",
     "pushes", "push_bytes", "push_drops", "push_overflow_closes", "wakeups",
+    "deferred", "deferred_total", "reply_timeouts", "deferred_cancelled",
 )
 PUSH_OVERFLOW = {"close": 0, "drop": 1}
 
@@ -101,7 +103,7 @@ class _PyHandler:
     the cffi callbacks below, and gets the :class:`Connection` too."""
 
     __slots__ = ("server", "name", "delim", "header_bytes", "reply_max", "aware",
-                 "on_connect", "on_message", "on_disconnect", "conns")
+                 "on_connect", "on_message", "on_disconnect", "conns", "attach")
 
     def __init__(self, handler: Any, framing: Framing, server: "Server") -> None:
         # Connections talk through the server; weak, so that a handler that
@@ -119,6 +121,8 @@ class _PyHandler:
         self.header_bytes = framing.header_bytes if isinstance(framing, LengthPrefixed) else 0
         hb = self.header_bytes
         self.reply_max = (1 << (8 * hb)) - 1 if 0 < hb < 8 else None
+        # attach(future, handle, conn_id): a future a handler returned
+        self.attach: Optional[Callable[[Any, int, int], None]] = None
 
 
 def is_connection_aware(handler: Any) -> bool:
@@ -228,6 +232,8 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
             if not _stage(out + delim, 1, reply, conn_id, scratch, cap, res):
                 return -1
             return 1 if conn.closing else 0
+        if _is_future(out):
+            return _defer(h, out, 0, reply, conn_id)
         results = [out]
         messages = None
     elif delim is not None and block_len <= 512 * n:
@@ -238,6 +244,7 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
         unpack = ffi.unpack
         messages = [unpack(m.data, m.len) for m in msgs[0:n]]
     failed = False
+    future: Any = None
     if messages is not None:
         results = []
         append = results.append
@@ -249,10 +256,14 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
                 chunk = messages[start:start + _PY_CHUNK] if start or len(messages) > _PY_CHUNK \
                     else messages
                 for msg in chunk:
-                    append(fn(msg))
+                    out = fn(msg)
+                    if out is not None and out.__class__ is not bytes and _is_future(out):
+                        future = out  # its reply comes later; the rest wait for it
+                        break
+                    append(out)
                     if conn.closing:
                         break
-                if conn.closing:
+                if conn.closing or future is not None:
                     break
                 if start + _PY_CHUNK < len(messages) and _pending(results) > _PY_FLUSH:
                     if not _emit(h, results, reply, conn_id, scratch, cap, res, True):
@@ -264,7 +275,30 @@ def _pp_py_batch(ctx: Any, reply: Any, conn_id: int, msgs: Any, n: int, block: A
             log.exception("handler %s failed on connection %d; closing it", h.name, conn_id)
     if not _emit(h, results, reply, conn_id, scratch, cap, res) or failed:
         return -1
+    if future is not None:
+        return _defer(h, future, len(results), reply, conn_id)
     return 1 if conn.closing else 0
+
+
+def _is_future(out: Any) -> bool:
+    return hasattr(out, "add_done_callback")
+
+
+def _defer(h: _PyHandler, future: Any, index: int, reply: Any, conn_id: int) -> int:
+    """Message index of this batch returned a future: its reply is deferred
+    to it (see _async.attacher), and the messages after it wait."""
+    d = lib.pp_reply_defer_batch(reply, index + 1)
+    if d == ffi.NULL:
+        log.error("out of memory deferring a reply on connection %d; closing it", conn_id)
+        return -1
+    assert h.attach is not None
+    try:
+        h.attach(future, int(ffi.cast("uintptr_t", d)), conn_id)
+    except Exception:
+        lib.pp_py_finish(d, ffi.NULL, 0, 0, -1)
+        log.exception("handler %s returned a future that cannot be waited for; closing "
+                      "connection %d", h.name, conn_id)
+    return 2  # PP_DEFER
 
 
 @_def_extern(error=-1, onerror=_batch_failed)
@@ -465,6 +499,8 @@ class Server:
         reuse_port: bool = False,
         push_limit: int = 1024 * 1024,
         on_push_overflow: str = "close",
+        reply_timeout: float = 0.0,
+        loop: Optional[asyncio.AbstractEventLoop] = None,
     ) -> None:
         # Every argument but the handler, as given: what a forked server
         # process (processes > 1) is built with.
@@ -520,6 +556,15 @@ class Server:
         if on_push_overflow not in PUSH_OVERFLOW:
             raise ValueError(f"on_push_overflow must be 'close' or 'drop', got {on_push_overflow!r}")
         self.on_push_overflow = on_push_overflow
+        self.reply_timeout = _check_seconds("reply_timeout", reply_timeout)
+        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError(f"loop must be an asyncio event loop, not {type(loop).__name__}")
+        self.loop = loop
+        self._is_async = not isinstance(handler, NativeHandler) and is_async_handler(handler)
+        self._runner: Optional[AsyncRunner] = None
+        # The loop of the coroutine that started the server (start_async,
+        # serve, async with): a coroutine handler runs there.
+        self._caller_loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd_limit: Optional[int] = None
         self._group: Any = None        # the supervisor when processes > 1
 
@@ -607,6 +652,7 @@ class Server:
         cfg.output_limit = self.output_limit
         cfg.push_limit = self.push_limit
         cfg.push_overflow = PUSH_OVERFLOW[self.on_push_overflow]
+        cfg.reply_timeout = self.reply_timeout
         reject = None
         if self.reject_message is not None:
             reject = ffi.from_buffer("unsigned char[]", self.reject_message)
@@ -619,10 +665,22 @@ class Server:
             cfg.shutdown_message_len = len(self.shutdown_message)
         if isinstance(self.handler, NativeHandler):
             cfg.handler, cfg.ctx, cfg.on_open, cfg.on_close = self.handler._pointers()
+        elif self._is_async:
+            state = _PyHandler(self.handler, self.framing, self)
+            runner = AsyncRunner(state, self.handler)
+            self._handle = runner
+            cfg.handler = ffi.NULL
+            cfg.batch = lib.pp_py_async_batch
+            cfg.ctx = runner.q
+            cfg.deferred_gone = lib.pp_py_async_gone
+            if state.aware:
+                cfg.on_open = lib.pp_py_async_open
+                cfg.on_close = lib.pp_py_async_close
         else:
             state = _PyHandler(self.handler, self.framing, self)
             cfg.handler = ffi.NULL
             if state.aware:
+                state.attach = attacher(state, self)
                 self._handle = ffi.new_handle(state)
                 cfg.batch = lib.pp_py_batch
                 cfg.ctx = self._handle
@@ -633,23 +691,30 @@ class Server:
                 # to lives as long as this handle (see _ORPHANS).
                 fast = ffi.new("pp_pyfast *")
                 report = _reporter(state)
-                self._handle = (fast, self.handler, report)
+                attach = attacher(state, self)
+                self._handle = (fast, self.handler, report, attach)
                 fast.fn = ffi.cast("void *", id(self.handler))
                 fast.report = ffi.cast("void *", id(report))
+                fast.attach = ffi.cast("void *", id(attach))
                 cfg.batch = lib.pp_py_fast_batch
                 cfg.ctx = fast
                 cfg.worker_exit = lib.pp_py_fast_worker_exit
         out = ffi.new("pp_server **")
         rc = lib.pp_server_new(cfg, out)
         if rc < 0:
+            if isinstance(self._handle, AsyncRunner):
+                self._handle.close(0)
             with self._lock:
                 self._state = "new"
+                self._handle = None
             err = -rc
             if err == errno.EINVAL:
                 raise ValueError("the server core refused this configuration")
             where = f"{self.host}:{self.port}"
             raise OSError(err, f"cannot listen on {where}: {os.strerror(err)}")
         srv = out[0]
+        if isinstance(self._handle, AsyncRunner):
+            self._runner = self._handle
         limit = lib.pp_server_fd_limit(srv)
         self._fd_limit = None if limit < 0 else int(limit)
         buf = ffi.new("char[64]")
@@ -673,6 +738,12 @@ class Server:
             self._state = "running"
         if self._group is not None:
             return
+        if self._runner is not None:
+            try:
+                self._runner.start(self.loop or self._caller_loop)
+            except BaseException:
+                self._finish()
+                raise
         rc = lib.pp_server_start_workers(self._srv)
         if rc < 0:
             self._finish()
@@ -703,6 +774,11 @@ class Server:
                     _ORPHANS.append(self._handle)
                 lib.pp_server_free(srv)
             self._state = "stopped"
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            # The core is gone: its coroutines still running are cancelled
+            # and awaited, and a loop of pollpool's own is closed.
+            runner.close(self.drain_timeout)
         _RUNNING.discard(self)
         self._set_done()
 
@@ -871,6 +947,9 @@ class Server:
                 lib.pp_server_stop(srv, 0)
                 if lib.pp_server_on_worker(srv):
                     return False  # a handler of this server: the loop ends it
+                runner = self._runner
+                if runner is not None and runner.on_loop_thread():
+                    return False  # its coroutines: they must go on to drain
         if self._serving == threading.get_ident():
             # on_ready, or a signal handler run meanwhile, on the thread that
             # is to run the loop: it starts, finds the stop, and drains.
@@ -906,6 +985,8 @@ class Server:
         threads, and returns once listening, without blocking the event loop
         (with processes > 1 starting takes until every process listens)."""
         loop = asyncio.get_running_loop()
+        if self._caller_loop is None:
+            self._caller_loop = loop
         await loop.run_in_executor(None, self.start)
         return self
 
