@@ -61,6 +61,18 @@ def _server_cmd(server: str, handler: str, threads: int) -> List[str]:
         h = "python" if handler == "echo" else handler
         return [PY, os.path.join(PEERS, "pollpool_server.py"), "--handler", h,
                 "--threads", str(threads)]
+    if server == "pollpool_async":
+        h = "async" if handler == "echo" else "async_" + handler
+        return [PY, os.path.join(PEERS, "pollpool_server.py"), "--handler", h,
+                "--threads", str(threads)]
+    if server == "pollpool_native_deferred":
+        assert handler == "echo", "the deferred native handler only echoes"
+        return [PY, os.path.join(PEERS, "pollpool_server.py"), "--handler", "native",
+                "--threads", str(threads), "--native-lib",
+                os.path.join(BUILD, "deferred_echo.so") + ":deferred_echo"]
+    if server == "uvloop_tasks":
+        return [PY, os.path.join(PEERS, "asyncio_server.py"), "--handler", handler,
+                "--uvloop", "--tasks"]
     if server.startswith("pollpool_native_"):
         # pollpool_native_epoll, pollpool_native_procs2.
         variant = server[len("pollpool_native_"):]
@@ -87,13 +99,17 @@ SERVER_LABELS = {
     "pollpool_python": "pollpool Python handler",
     "pollpool_native_epoll": "pollpool native echo, epoll",
     "pollpool_native_procs2": "pollpool native echo, processes=2",
+    "pollpool_native_deferred": "pollpool native echo, deferred to a thread",
+    "pollpool_async": "pollpool async def handler",
+    "uvloop_tasks": "uvloop Protocol + create_task per message",
     "asyncio": "asyncio Protocol",
     "uvloop": "uvloop Protocol (inline)",
     "uvloop_executor": "uvloop + run_in_executor",
     "socketserver": "socketserver.ThreadingTCPServer",
     "gevent": "gevent StreamServer",
 }
-SERVER_NEEDS = {"uvloop": "uvloop", "uvloop_executor": "uvloop", "gevent": "gevent"}
+SERVER_NEEDS = {"uvloop": "uvloop", "uvloop_executor": "uvloop", "gevent": "gevent",
+                "uvloop_tasks": "uvloop"}
 ECHO_SERVERS = ["epoll_c", "pollpool_native", "pollpool_native_epoll", "pollpool_python",
                 "asyncio", "uvloop", "socketserver", "gevent"]
 
@@ -149,6 +165,18 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
              "50 connections, 2 threads", 50, 1, 16384, handler="sha256", expect="sha256",
              threads=2, servers=["pollpool_python", "uvloop", "uvloop_executor", "socketserver"],
              placements=["unpinned"], uvloop_ref="uvloop"),
+    # Issue 15: coroutine handlers and deferred replies.
+    Scenario("async_c50_p1_64", "async def identity handler, 50 connections, pipeline 1, 64 B",
+             50, 1, 64, servers=["pollpool_async", "uvloop"], placements=["pinned"]),
+    Scenario("async_c50_p16_64", "async def identity handler, 50 connections, pipeline 16, "
+             "64 B", 50, 16, 64, servers=["pollpool_async", "uvloop"], placements=["pinned"]),
+    Scenario("async_sleep_c1000", "async def handler awaiting asyncio.sleep(0.001), 1,000 "
+             "connections, pipeline 1", 1000, 1, 64, handler="sleep1ms",
+             servers=["pollpool_async", "uvloop_tasks"], placements=["pinned"],
+             uvloop_ref="uvloop_tasks"),
+    Scenario("deferred_c50_p16_64", "native echo deferred to another thread, 50 connections, "
+             "pipeline 16, 64 B", 50, 16, 64,
+             servers=["pollpool_native", "pollpool_native_deferred"], placements=["pinned"]),
 ] + [
     Scenario(_idle_name(n), f"50 connections, pipeline 1, 64 B, {n:,} idle connections open",
              50, 1, 64, idle=n, servers=list(IDLE_SERVERS), placements=["pinned"])
@@ -173,6 +201,14 @@ def build() -> None:
         if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
             continue
         cmd = [os.environ.get("CC", "cc"), *CFLAGS, "-o", dst, src]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, timeout=120)
+    src = os.path.join(PEERS, "deferred_echo.c")
+    dst = os.path.join(BUILD, "deferred_echo.so")
+    if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
+        import pollpool
+        cmd = [os.environ.get("CC", "cc"), *CFLAGS, "-shared", "-fPIC",
+               "-I" + pollpool.get_include(), "-o", dst, src, "-lpthread"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, timeout=120)
 
@@ -542,6 +578,18 @@ def targets(summary: Dict[str, dict], runs: List[dict]) -> List[dict]:
         None)
     add("sha256 16 KiB, threads=2, unpinned: req/s ≥ 1.3× uvloop inline", "sha256_16k",
         "unpinned", "pollpool_python", "uvloop", "rps", ">=", 1.3)
+    # Issue 15.
+    for sc in ("async_c50_p1_64", "async_c50_p16_64"):
+        d = "pipeline 1" if "p1_" in sc else "pipeline 16"
+        add(f"async def identity, {d}: req/s ≥ 1.0× uvloop (inline, per message)", sc,
+            "pinned", "pollpool_async", "uvloop", "rps", ">=", 1.0)
+        add(f"async def identity, {d}: server CPU/req ≤ 1.0× uvloop", sc, "pinned",
+            "pollpool_async", "uvloop", "server_cpu_us_per_req", "<=", 1.0)
+    add("async def awaiting sleep(1 ms), 1,000 connections: req/s ≥ 1.3× uvloop + create_task",
+        "async_sleep_c1000", "pinned", "pollpool_async", "uvloop_tasks", "rps", ">=", 1.3)
+    add("native echo deferred to a thread, pipeline 16: req/s ≥ 0.85× synchronous native echo",
+        "deferred_c50_p16_64", "pinned", "pollpool_native_deferred", "pollpool_native", "rps",
+        ">=", 0.85)
     for sc in ("c50_p1_64", "c50_p16_64"):
         for srv in ("pollpool_native", "pollpool_python"):
             d = "pipeline 1" if "p1_" in sc else "pipeline 16"

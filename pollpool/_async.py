@@ -70,7 +70,7 @@ class AsyncRunner:
         self.h = h
         self.aware = h.aware
         self.fn: Any = None if h.aware else handler
-        self.q = lib.pp_py_aloop_new(int(h.aware))
+        self.q = lib.pp_py_aloop_new(int(h.delim is not None))
         if self.q == ffi.NULL:
             raise MemoryError("cannot create the event loop hand-off")
         self.fd = int(lib.pp_py_aloop_fd(self.q))
@@ -155,10 +155,9 @@ class AsyncRunner:
                 it = items[i]
                 kind = it.kind
                 if kind == _MESSAGES:
-                    handle = it.handle
-                    self._spawn(it.handle_id, handle, it.conn_id,
-                                self._messages(handle, it.handle_id, it.conn_id,
-                                               self._unpack(it)))
+                    handle, hid, cid = it.handle, it.handle_id, it.conn_id
+                    self._spawn(hid, handle, cid, self._messages(handle, hid, cid,
+                                                                 self._unpack(it)))
                 elif kind == _CANCEL:
                     self._cancel(it.handle_id)
                 elif kind == _OPEN:
@@ -227,11 +226,14 @@ class AsyncRunner:
         status = 0
         try:
             if fn is not None:
+                append = results.append
                 for msg in messages:
                     out = fn(msg)
-                    if out is not None and out.__class__ is not bytes:
+                    if out.__class__ is _Coroutine:   # the common case, awaited bare
+                        out = await out
+                    elif out is not None and out.__class__ is not bytes:
                         out = await _awaited(out)
-                    results.append(out)
+                    append(out)
                     if conn is not None and conn.closing:
                         break
         except asyncio.CancelledError:
@@ -247,7 +249,6 @@ class AsyncRunner:
 
     def _reply(self, handle: Any, conn_id: int, conn: Optional[Connection], results: List[Any],
                status: int) -> None:
-        from .server import _frame_checked
         h = self.h
         delim = h.delim
         data: Optional[bytes] = None
@@ -258,12 +259,13 @@ class AsyncRunner:
             except TypeError:
                 data = None
         if data is None:
+            from .server import _frame_checked
             data, count, ok = _frame_checked(h, results, conn_id)
             if not ok:
                 status = -1
         if status == 0 and conn is not None and conn.closing:
             status = 1
-        _finish(handle, data, count, status)
+        lib.pp_py_finish(handle, data, len(data), count, status)
 
     def _open(self, it: Any) -> None:
         h = self.h
@@ -363,6 +365,15 @@ class AsyncRunner:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _probe() -> None:
+    pass
+
+
+_probe_coro = _probe()
+_Coroutine = type(_probe_coro)
+_probe_coro.close()
 
 
 async def _awaited(out: Any) -> Any:

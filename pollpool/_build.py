@@ -175,7 +175,7 @@ typedef struct pp_pyitem {
     int port;
 } pp_pyitem;
 typedef struct pp_pyloop pp_pyloop;
-pp_pyloop *pp_py_aloop_new(int open_events);
+pp_pyloop *pp_py_aloop_new(int lines);
 int pp_py_aloop_fd(pp_pyloop *q);
 void pp_py_aloop_free(pp_pyloop *q);
 size_t pp_py_aloop_take(pp_pyloop *q, pp_pyitem **out);

@@ -302,10 +302,10 @@ typedef struct pp_pyloop {
     size_t n, cap;
     int armed;              /* mu: the loop waits for the eventfd */
     int efd;
-    int open_events;        /* connection-aware: open/close items too */
+    int lines;              /* line framing: Python splits the block itself */
 } pp_pyloop;
 
-pp_pyloop *pp_py_aloop_new(int open_events)
+pp_pyloop *pp_py_aloop_new(int lines)
 {
     pp_pyloop *q = calloc(1, sizeof *q);
     if (q == NULL)
@@ -318,7 +318,7 @@ pp_pyloop *pp_py_aloop_new(int open_events)
         return NULL;
     }
     q->armed = 1;
-    q->open_events = open_events;
+    q->lines = lines;
     return q;
 }
 
@@ -403,10 +403,12 @@ int pp_py_async_batch(void *ctx, pp_reply *reply, const pp_msg *msgs, size_t n)
 {
     pp_pyloop *q = ctx;
     pp_pyitem it = {.kind = PP_AI_MESSAGES, .conn_id = pp_reply_conn_id(reply), .n = n};
-    it.msgs = malloc(n * sizeof *it.msgs);
-    if (it.msgs == NULL)
-        return -1;
-    memcpy(it.msgs, msgs, n * sizeof *it.msgs);
+    if (!q->lines) { /* lines are cut in Python from the block, at C speed */
+        it.msgs = malloc(n * sizeof *it.msgs);
+        if (it.msgs == NULL)
+            return -1;
+        memcpy(it.msgs, msgs, n * sizeof *it.msgs);
+    }
     it.block = (const char *)msgs[0].data;
     it.block_len = (size_t)((const char *)msgs[n - 1].data - it.block) + msgs[n - 1].len;
     /* The messages stay where they are until the finish (the core keeps

@@ -2,7 +2,8 @@
 calls the handler per message and writes the replies of one read at once.
 
 --executor N hands each message to loop.run_in_executor on an N-thread pool
-instead (replies still leave in request order).
+instead (replies still leave in request order); --tasks runs the handler's
+coroutine version in a task per message (create_task), replies in order.
 """
 
 from __future__ import annotations
@@ -72,11 +73,43 @@ class Executor(Inline):
             self.transport.write(b"".join(out))
 
 
+class Tasks(Inline):
+    """Each message runs the coroutine handler in a task of its own
+    (create_task); replies are written in request order."""
+
+    def __init__(self, handler, loop):
+        super().__init__(handler)
+        self.loop = loop
+        self.pending = collections.deque()
+
+    def data_received(self, data):
+        if self.buf:
+            data = self.buf + data
+        *lines, self.buf = data.split(b"\n")
+        if len(self.buf) > MAX_LINE:
+            self.transport.close()
+            return
+        for m in lines:
+            t = self.loop.create_task(self.handler(m))
+            t.add_done_callback(self._done)
+            self.pending.append(t)
+
+    def _done(self, _t):
+        out = []
+        q = self.pending
+        while q and q[0].done():
+            out.append(q.popleft().result() + b"\n")
+        if out and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+
 def main() -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--uvloop", action="store_true", help="run on uvloop")
     p.add_argument("--executor", type=int, default=0, metavar="N",
                    help="hand each message to run_in_executor on an N-thread pool")
+    p.add_argument("--tasks", action="store_true",
+                   help="run the handler's coroutine version in a task per message")
     args = p.parse_args()
     common.raise_nofile()
     if args.uvloop:
@@ -86,7 +119,10 @@ def main() -> int:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     handler = common.HANDLERS[args.handler]
-    if args.executor:
+    if args.tasks:
+        coro = common.ASYNC_HANDLERS[args.handler]
+        factory = lambda: Tasks(coro, loop)  # noqa: E731
+    elif args.executor:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.executor)
         factory = lambda: Executor(handler, pool, loop)  # noqa: E731
     else:

@@ -8,6 +8,7 @@ every server does the same work per message.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import resource
 import sys
@@ -29,6 +30,19 @@ def sha256(message: bytes) -> bytes:
     # CPU work that releases the GIL for large inputs (hashlib does, above 2 KiB).
     return hashlib.sha256(message).hexdigest().encode()
 
+
+async def aecho(message: bytes) -> bytes:
+    return message
+
+
+async def asleep1ms(message: bytes) -> bytes:
+    # Stands in for an awaited call (asyncpg, aiohttp): the loop is free meanwhile.
+    await asyncio.sleep(0.001)
+    return message
+
+
+#: Coroutine versions, for the servers that await them.
+ASYNC_HANDLERS = {"echo": aecho, "sleep1ms": asleep1ms}
 
 HANDLERS: Dict[str, Callable[[bytes], bytes]] = {
     "echo": echo,

@@ -21,15 +21,24 @@ def main() -> int:
     p.set_defaults(handler="native")
     for a in p._actions:  # widen the choices of the shared --handler option
         if a.dest == "handler":
-            a.choices = ["native", "python"] + sorted(common.HANDLERS)
+            a.choices = ["native", "python", "async", "async_sleep1ms"] + sorted(common.HANDLERS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--framing", default="line", help="line | length (4-byte header)")
     p.add_argument("--backend", default="poll", help="poll | epoll")
     p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--native-lib", default=None, metavar="PATH:SYMBOL",
+                   help="with --handler native: this native handler instead of echo")
     args = p.parse_args()
     common.raise_nofile()
-    if args.handler == "native":
+    if args.handler == "native" and args.native_lib:
+        path, _, symbol = args.native_lib.rpartition(":")
+        handler = pollpool.NativeHandler.from_library(path, symbol)
+    elif args.handler == "native":
         handler = pollpool.handlers.echo
+    elif args.handler == "async":
+        handler = common.aecho
+    elif args.handler == "async_sleep1ms":
+        handler = common.asleep1ms
     elif args.handler == "python":
         handler = lambda m: m  # noqa: E731
     else:
