@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import importlib
 import inspect
 import logging
 import sys
@@ -51,7 +52,7 @@ def is_async_handler(handler: Any) -> bool:
 def new_loop() -> asyncio.AbstractEventLoop:
     """uvloop's loop when it is installed, asyncio's otherwise."""
     try:
-        import uvloop
+        uvloop = importlib.import_module("uvloop")  # optional: typed or not, it is Any here
     except ImportError:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
@@ -372,7 +373,7 @@ async def _probe() -> None:
 
 
 _probe_coro = _probe()
-_Coroutine = type(_probe_coro)
+_Coroutine: Any = type(_probe_coro)
 _probe_coro.close()
 
 
