@@ -52,6 +52,9 @@ class Executor(Inline):
         self.loop = loop
         self.pending = collections.deque()
 
+    def start(self, m):
+        return self.loop.run_in_executor(self.pool, self.handler, m)
+
     def data_received(self, data):
         if self.buf:
             data = self.buf + data
@@ -60,7 +63,7 @@ class Executor(Inline):
             self.transport.close()
             return
         for m in lines:
-            f = self.loop.run_in_executor(self.pool, self.handler, m)
+            f = self.start(m)
             f.add_done_callback(self._done)
             self.pending.append(f)
 
@@ -73,34 +76,15 @@ class Executor(Inline):
             self.transport.write(b"".join(out))
 
 
-class Tasks(Inline):
+class Tasks(Executor):
     """Each message runs the coroutine handler in a task of its own
     (create_task); replies are written in request order."""
 
     def __init__(self, handler, loop):
-        super().__init__(handler)
-        self.loop = loop
-        self.pending = collections.deque()
+        super().__init__(handler, None, loop)
 
-    def data_received(self, data):
-        if self.buf:
-            data = self.buf + data
-        *lines, self.buf = data.split(b"\n")
-        if len(self.buf) > MAX_LINE:
-            self.transport.close()
-            return
-        for m in lines:
-            t = self.loop.create_task(self.handler(m))
-            t.add_done_callback(self._done)
-            self.pending.append(t)
-
-    def _done(self, _t):
-        out = []
-        q = self.pending
-        while q and q[0].done():
-            out.append(q.popleft().result() + b"\n")
-        if out and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
+    def start(self, m):
+        return self.loop.create_task(self.handler(m))
 
 
 def main() -> int:
