@@ -154,17 +154,26 @@ class AsyncRunner:
         try:
             for i in range(n):
                 it = items[i]
-                kind = it.kind
-                if kind == _MESSAGES:
-                    handle, hid, cid = it.handle, it.handle_id, it.conn_id
-                    self._spawn(hid, handle, cid, self._messages(handle, hid, cid,
-                                                                 self._unpack(it)))
-                elif kind == _CANCEL:
-                    self._cancel(it.handle_id)
-                elif kind == _OPEN:
-                    self._open(it)
-                else:
-                    self._close(it.conn_id)
+                try:
+                    kind = it.kind
+                    if kind == _MESSAGES:
+                        handle, hid, cid = it.handle, it.handle_id, it.conn_id
+                        self._spawn(hid, handle, cid, self._messages(handle, hid, cid,
+                                                                     self._unpack(it)))
+                    elif kind == _CANCEL:
+                        self._cancel(it.handle_id)
+                    elif kind == _OPEN:
+                        self._open(it)
+                    else:
+                        self._close(it.conn_id)
+                except Exception:
+                    # One item's failure (no memory, a closed loop) is its
+                    # connection's: its handle is finished as an error, and
+                    # the items after it are still served.
+                    log.exception("handing connection %d's task to the event loop failed; "
+                                  "closing it", it.conn_id)
+                    if it.kind in (_MESSAGES, _OPEN) and it.handle_id not in self.handles:
+                        _finish(it.handle, b"", 0, -1)
         finally:
             lib.pp_py_aloop_release(items, n)
 

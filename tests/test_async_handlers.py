@@ -355,3 +355,31 @@ def test_sigint_with_a_thousand_coroutines_pending(spawn, tmp_path):
     assert child.wait_line(r"^threads (\d+)$").group(1) == "1"
     err = child.stderr()
     assert "Task was destroyed" not in err and "Traceback" not in err, err[-3000:]
+
+
+def test_a_task_that_cannot_reach_the_loop_closes_its_connection_only(make_server, connect,
+                                                                       caplog):
+    async def handler(message):
+        return message
+
+    srv = make_server(handler)
+    runner = srv._runner
+    real = runner._unpack
+
+    def unpack(it):
+        if it.conn_id == victim_id[0]:
+            raise MemoryError("no memory for the messages")
+        return real(it)
+
+    victim_id = [0]
+    runner._unpack = unpack
+    good = connect(srv)
+    assert good.exchange([b"hello"]) == [b"hello"]
+    victim = connect(srv)
+    victim_id[0] = 2  # ids count up from 1 in accept order: good is 1
+    victim.send_messages([b"lost"])
+    assert wait_closed(victim) == b""
+    assert "handing connection 2's task" in caplog.text
+    assert good.exchange([b"still"]) == [b"still"]
+    stats = srv.stop()
+    assert stats["deferred"] == 0 and stats["handler_errors"] == 1
