@@ -250,16 +250,13 @@ void pp__hub_release(pp_server *srv)
         return;
     pthread_mutex_lock(&hub->mu);
     hub->srv = NULL;
-    /* Handles finished for connections that are gone with the server. */
+    /* Handles finished for connections that are gone with the server (the
+     * refs they drop are not the last: the server's is still held). */
     pp_link *l;
     while ((l = pp__list_first(&hub->finished)) != NULL) {
         pp__list_unlink(l);
-        pp_dimpl *d = PP_CONTAINER(l, pp_dimpl, link);
         atomic_fetch_sub(&hub->pending, 1);
-        pp__buf_free(&d->out);
-        pp__buf_free(&d->keep);
-        free(d);
-        atomic_fetch_sub(&hub->refs, 1); /* not the last: the server's is held */
+        pp__deferred_free(PP_CONTAINER(l, pp_dimpl, link));
     }
     pthread_mutex_unlock(&hub->mu);
     srv->hub = NULL;

@@ -85,6 +85,7 @@ class AsyncRunner:
         self.last: Dict[int, "asyncio.Task[None]"] = {}    # a connection's latest task
         self.server_ref: Any = h.server
         self.closed = False
+        self._out = ffi.new("pp_pyitem **")  # _pump's, reused: no allocation per batch
 
     # -- where it runs ---------------------------------------------------
 
@@ -148,7 +149,7 @@ class AsyncRunner:
     # -- the hand-off ----------------------------------------------------
 
     def _pump(self) -> None:
-        out = ffi.new("pp_pyitem **")
+        out = self._out
         n = lib.pp_py_aloop_take(self.q, out)
         items = out[0]
         try:
