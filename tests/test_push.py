@@ -236,7 +236,6 @@ def test_push_limit_drop_keeps_the_connection_and_counts(make_server, connect, b
             break
     else:
         pytest.fail("the server's send buffer never filled")
-    assert taken > 0 and dropped > 0
     assert not srv.send(cid, b"z" * 8000)   # still full: dropped again
     dropped += 1
     # What it has not read waits in the server, within the limit.
