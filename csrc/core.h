@@ -30,6 +30,7 @@ typedef struct pp_server pp_server;
 struct epoll_event;
 
 #define PP_SCRATCH 16384            /* bytes the I/O thread reads at once */
+#define PP_MAX_DEFERRED 1024        /* largest cfg.max_deferred */
 
 /* Connection flags, all owned by the I/O thread. */
 enum {
@@ -43,10 +44,10 @@ enum {
     PP_C_GOODBYE = 1 << 7,     /* draining: shutdown message queued */
     PP_C_OPENED = 1 << 9,      /* open event sent: a close event is owed */
     PP_C_RETIRING = 1 << 10,   /* close event in flight; freed when it is back */
-    PP_C_DEFERRED = 1 << 11,   /* its reply is in a pp_dimpl (defer.c): no task
-                                  runs until the finish */
-    PP_C_DEF_READY = 1 << 12,  /* that handle is finished and taken: apply it
-                                  once the task is back */
+    PP_C_DEFERRED = 1 << 11,   /* replies of its are in pp_dimpls (defer.c),
+                                  queued on def_head: no task runs until the
+                                  last of them is applied */
+    PP_C_SETTLE = 1 << 12,     /* on take_deferred()'s list of connections */
 };
 
 /* Push state of a connection, guarded by srv->push_mu. */
@@ -91,7 +92,20 @@ typedef struct pp_dimpl {
     pp_buf keep;                /* the connection's task buffer, if the
                                    connection went first: the messages a
                                    batch handler deferred stay readable */
+    struct pp_dimpl *kprev, *knext; /* hub->mu: the ring of gone handles of
+                                   one task; keep moves to a neighbour when
+                                   its holder is freed, so that it lives
+                                   until the task's last finish */
     pp_link link;               /* on hub->finished */
+    /* The connection's queue, oldest first (the worker's while in flight,
+     * else the I/O thread's). */
+    struct pp_dimpl *qnext;
+    int ready;                  /* I/O thread: finished and taken */
+    /* max_deferred > 1: the replies to the task's messages after this one,
+     * made while it was pending (by the worker, before the task is back);
+     * they join the output right after this handle's own. */
+    pp_buf after;
+    size_t after_n;
 } pp_dimpl;
 
 /* What a task carries besides messages. */
@@ -131,10 +145,13 @@ typedef struct pp_conn {
     /* Completion stack link, written by the worker before it publishes. */
     struct pp_conn *next_done;
 
-    /* Deferred reply: set by the worker that deferred (with rest_off, where
-     * the messages it did not handle begin in task); the I/O thread's after. */
-    pp_dimpl *def;
+    /* Deferred replies, oldest first: queued by the worker that deferred
+     * (with rest_off, where the messages it did not handle begin in task);
+     * the I/O thread's after. */
+    pp_dimpl *def_head, *def_tail;
+    size_t ndef;
     size_t rest_off;
+    struct pp_conn *settle_next; /* take_deferred()'s list (PP_C_SETTLE) */
     pp_link def_timer;          /* on srv->defer_list (reply_timeout) */
     int64_t def_since;          /* ms: when the task came back deferred */
 
@@ -224,6 +241,7 @@ struct pp_server {
     pp_link defer_list;         /* deferred, by def_since: reply_timeout */
     int64_t reply_ms;           /* reply_timeout; 0 = none */
     size_t ndeferred;           /* connections with PP_C_DEFERRED */
+    size_t max_deferred;        /* cfg.max_deferred, at least 1 */
     int deferred_cut;           /* the drain's end cut deferred replies */
     pp_task *batch_head, *batch_tail; /* tasks to push at the end of this round */
     size_t batch_n;
@@ -313,12 +331,14 @@ void pp__deferred_free(pp_dimpl *d);
 /* Takes the finished list (one lock, none when it is empty): chained by
  * link.next, NULL-terminated, in finish order.  I/O thread. */
 pp_dimpl *pp__deferred_take(pp_server *srv);
-/* c's connection is going before its handle was applied: decides, under the
- * lock, between a finish that already came (the handle is freed) and one
- * still to come (it will find the handle gone).  Returns the handle's id if
- * it went gone (for cfg.deferred_gone), else 0.  c->task moves into the
- * handle then.  I/O thread, or the destroyer. */
-uint64_t pp__deferred_drop(pp_server *srv, struct pp_conn *c);
+/* c's connection is going before its queued handles were applied: decides
+ * for each, under the lock, between a finish that already came (the handle
+ * is freed) and one still to come (it will find the handle gone).  Writes
+ * the ids of the gone ones to gone_ids (room for c->ndef, at most
+ * PP_MAX_DEFERRED) for cfg.deferred_gone and returns their count.  c->task
+ * moves into the gone handles, kept until the last of them is finished.
+ * Empties c's queue.  I/O thread, or the destroyer. */
+size_t pp__deferred_drop(pp_server *srv, struct pp_conn *c, uint64_t *gone_ids);
 
 /* reply.c */
 /* pp_services.defer: pollpool.h's pp_reply_defer(). */

@@ -80,6 +80,7 @@ void pp__deferred_free(pp_dimpl *d)
 {
     pp_hub *hub = d->hub;
     pp__buf_free(&d->out);
+    pp__buf_free(&d->after);
     pp__buf_free(&d->keep);
     free(d);
     hub_unref(hub);
@@ -169,6 +170,23 @@ static int close_open(pp_dimpl *d, int status)
     return st;
 }
 
+/* A gone handle leaves the ring of its task's gone handles (hub->mu held):
+ * the task buffer goes to a neighbour still to finish, so that the messages
+ * it holds stay readable until the last finish. */
+static void ring_leave(pp_dimpl *d)
+{
+    pp_dimpl *n = d->knext;
+    if (n == NULL || n == d)
+        return; /* alone: keep is freed with d */
+    if (d->keep.data != NULL) {
+        n->keep = d->keep;
+        memset(&d->keep, 0, sizeof d->keep);
+    }
+    n->kprev = d->kprev;
+    d->kprev->knext = n;
+    d->kprev = d->knext = NULL;
+}
+
 static int d_finish(pp_deferred *pub, int status)
 {
     pp_dimpl *d = (pp_dimpl *)pub;
@@ -177,6 +195,7 @@ static int d_finish(pp_deferred *pub, int status)
     pthread_mutex_lock(&hub->mu);
     if (atomic_load_explicit(&d->state, memory_order_relaxed) == PP_D_GONE ||
         hub->srv == NULL) {
+        ring_leave(d);
         pthread_mutex_unlock(&hub->mu);
         pp__deferred_free(d);
         return -ENOTCONN;
@@ -213,34 +232,56 @@ pp_dimpl *pp__deferred_take(pp_server *srv)
     return head;
 }
 
-uint64_t pp__deferred_drop(pp_server *srv, pp_conn *c)
+size_t pp__deferred_drop(pp_server *srv, pp_conn *c, uint64_t *gone_ids)
 {
-    pp_dimpl *d = c->def;
     pp_hub *hub = srv->hub;
-    c->def = NULL;
-    atomic_fetch_sub(&hub->pending, 1);
-    if (c->flags & PP_C_DEF_READY) {
-        /* Finished and taken already: only this thread can reach it. */
-        c->flags &= ~PP_C_DEF_READY;
-        pp__deferred_free(d);
-        return 0;
-    }
+    pp_dimpl *ring = NULL, *dead = NULL;
+    size_t ngone = 0;
+    /* One lock for the whole queue: a gone handle may be finished and freed
+     * by its finisher the moment the lock is let go, so the ring is built
+     * while none can leave it. */
     pthread_mutex_lock(&hub->mu);
-    if (atomic_load_explicit(&d->state, memory_order_relaxed) == PP_D_FINISHED) {
-        pp__list_unlink(&d->link);
-        pthread_mutex_unlock(&hub->mu);
-        pp__deferred_free(d);
-        return 0;
+    while (c->def_head != NULL) {
+        pp_dimpl *d = c->def_head;
+        c->def_head = d->qnext;
+        d->qnext = NULL;
+        atomic_fetch_sub(&hub->pending, 1);
+        if (d->ready ||
+            atomic_load_explicit(&d->state, memory_order_relaxed) == PP_D_FINISHED) {
+            /* Finished already; on the finished list still unless taken. */
+            if (!d->ready)
+                pp__list_unlink(&d->link);
+            d->qnext = dead;
+            dead = d;
+            continue;
+        }
+        /* The finish is still to come, maybe from a handler still reading
+         * the message it deferred: the task buffer goes with the gone
+         * handles, the first holding it. */
+        if (ring == NULL) {
+            d->keep = c->task;
+            memset(&c->task, 0, sizeof c->task);
+            d->kprev = d->knext = d;
+            ring = d;
+        } else {
+            d->knext = ring;
+            d->kprev = ring->kprev;
+            ring->kprev->knext = d;
+            ring->kprev = d;
+        }
+        d->conn = NULL;
+        atomic_store_explicit(&d->state, PP_D_GONE, memory_order_relaxed);
+        gone_ids[ngone++] = d->id;
     }
-    /* The finish is still to come, maybe from a batch handler still reading
-     * the messages it deferred: they go with the handle. */
-    d->keep = c->task;
-    memset(&c->task, 0, sizeof c->task);
-    d->conn = NULL;
-    atomic_store_explicit(&d->state, PP_D_GONE, memory_order_relaxed);
-    uint64_t id = d->id;
     pthread_mutex_unlock(&hub->mu);
-    return id;
+    c->def_tail = NULL;
+    c->ndef = 0;
+    while (dead != NULL) {
+        pp_dimpl *next = dead->qnext;
+        pp__deferred_free(dead);
+        dead = next;
+    }
+    return ngone;
 }
 
 void pp__hub_release(pp_server *srv)

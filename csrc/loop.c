@@ -379,16 +379,17 @@ static void conn_free(pp_conn *c)
     free(c);
 }
 
-/* c goes before its deferred reply was applied: the handle learns it (or,
- * finished already, is freed), and whoever works on it is told. */
+/* c goes before its deferred replies were applied: each handle learns it
+ * (or, finished already, is freed), and whoever works on it is told. */
 static void deferred_drop(pp_server *srv, pp_conn *c)
 {
     c->flags &= ~PP_C_DEFERRED;
     pp__list_unlink(&c->def_timer);
     srv->ndeferred--;
-    uint64_t id = pp__deferred_drop(srv, c);
-    if (id != 0 && srv->cfg.deferred_gone)
-        srv->cfg.deferred_gone(srv->cfg.ctx, id);
+    uint64_t ids[PP_MAX_DEFERRED];
+    size_t n = pp__deferred_drop(srv, c, ids);
+    for (size_t i = 0; i < n && srv->cfg.deferred_gone; i++)
+        srv->cfg.deferred_gone(srv->cfg.ctx, ids[i]);
 }
 
 /* Closes c now.  Only while no task is in flight: a worker may still be
@@ -777,6 +778,12 @@ static void conn_progress(pp_server *srv, pp_conn *c)
 
 static void deferred_apply(pp_server *srv, pp_conn *c);
 
+/* The oldest of c's deferred replies is finished and taken. */
+static inline int deferred_head_ready(const pp_conn *c)
+{
+    return c->def_head != NULL && c->def_head->ready;
+}
+
 static void on_complete(pp_server *srv, pp_conn *c)
 {
     c->flags &= ~PP_C_IN_FLIGHT;
@@ -784,10 +791,12 @@ static void on_complete(pp_server *srv, pp_conn *c)
         conn_close(srv, c); /* the close event was the last task */
         return;
     }
-    if (c->status == PP_DEFER) {
-        /* The messages after the deferred one stay in task, untouched (a
-         * batch handler may still be reading them), until the finish. */
-        c->status = PP_KEEP;
+    if (c->def_head != NULL) {
+        /* The task deferred.  The messages after the deferred ones stay in
+         * task, untouched (a batch handler may still be reading them), until
+         * the last finish. */
+        if (c->status == PP_DEFER)
+            c->status = PP_KEEP;
         pp__buf_consume(&c->task, c->rest_off);
         c->flags |= PP_C_DEFERRED;
         srv->ndeferred++;
@@ -822,50 +831,79 @@ static void on_complete(pp_server *srv, pp_conn *c)
         pp__stat_add(&srv->stats.output_overflows, 1);
         c->flags |= PP_C_BROKEN;
     }
-    if ((c->flags & PP_C_DEF_READY) && !(c->flags & PP_C_BROKEN)) {
+    if (deferred_head_ready(c) && !(c->flags & PP_C_BROKEN)) {
         deferred_apply(srv, c); /* finished before the task was even back */
         return;
     }
     conn_progress(srv, c);
 }
 
-/* c's deferred reply is finished: its replies join the output, and the
- * messages that waited for it run. */
+/* Moves what src holds to the end of c's output. */
+static void out_join(pp_server *srv, pp_conn *c, pp_buf *src)
+{
+    if (pp__buf_size(src) == 0)
+        return;
+    if (pp__buf_size(&c->out) == 0) {
+        pp_buf t = c->out; /* the handle's buffer becomes the output */
+        c->out = *src;
+        *src = t;
+    } else if (pp__buf_append(&c->out, pp__buf_begin(src), pp__buf_size(src)) < 0) {
+        pp__stat_add(&srv->stats.nomem_errors, 1);
+        c->flags |= PP_C_BROKEN;
+    }
+}
+
+/* c's oldest deferred replies are finished: they join the output, each
+ * followed by the replies held behind it, up to the first still pending;
+ * once none is, the messages that waited run. */
 static void deferred_apply(pp_server *srv, pp_conn *c)
 {
-    pp_dimpl *d = c->def;
-    c->def = NULL;
-    c->flags &= ~(PP_C_DEFERRED | PP_C_DEF_READY);
-    pp__list_unlink(&c->def_timer);
-    srv->ndeferred--;
-    atomic_fetch_sub(&srv->hub->pending, 1);
-    int st = d->status;
-    /* Pushes made while the reply was pending went out as they came; those
-     * made just before the finish (by its own handler, say) go before the
-     * reply too, whichever thread took them. */
+    /* Pushes made while the replies were pending went out as they came;
+     * those made just before the finish (by its own handler, say) go before
+     * the reply too, whichever thread took them. */
     if (atomic_load_explicit(&c->outbox_has, memory_order_relaxed))
         conn_take_pushes(srv, c);
-    if (pp__buf_size(&d->out) > 0) {
-        if (pp__buf_size(&c->out) == 0) {
-            pp_buf t = c->out; /* the handle's buffer becomes the output */
-            c->out = d->out;
-            d->out = t;
-        } else if (pp__buf_append(&c->out, pp__buf_begin(&d->out),
-                                  pp__buf_size(&d->out)) < 0) {
-            pp__stat_add(&srv->stats.nomem_errors, 1);
-            c->flags |= PP_C_BROKEN;
+    while (deferred_head_ready(c)) {
+        pp_dimpl *d = c->def_head;
+        c->def_head = d->qnext;
+        if (c->def_head == NULL)
+            c->def_tail = NULL;
+        c->ndef--;
+        atomic_fetch_sub(&srv->hub->pending, 1);
+        int st = d->status;
+        out_join(srv, c, &d->out);
+        pp__stat_add(&srv->stats.replies, d->nreplies);
+        if (st == PP_KEEP) {
+            out_join(srv, c, &d->after);
+            pp__stat_add(&srv->stats.replies, d->after_n);
+        }
+        pp__deferred_free(d);
+        if (st < 0)
+            pp__stat_add(&srv->stats.handler_errors, 1);
+        if (st != PP_KEEP) {
+            /* Close after this reply: the later ones are moot. */
+            conn_set_closing(srv, c);
+            if (c->def_head != NULL)
+                deferred_drop(srv, c);
+            break;
         }
     }
-    pp__stat_add(&srv->stats.replies, d->nreplies);
-    pp__deferred_free(d);
-    if (st < 0)
-        pp__stat_add(&srv->stats.handler_errors, 1);
-    if (st != PP_KEEP)
-        conn_set_closing(srv, c);
     c->last_active = c->out_since = srv->now;
+    if (c->def_head != NULL) {
+        /* Waiting for the next one: what is in goes out now. */
+        if (!(c->flags & PP_C_BROKEN) && pp__conn_pending(c) > 0)
+            conn_flush(srv, c);
+        conn_progress(srv, c);
+        return;
+    }
+    if (c->flags & PP_C_DEFERRED) {
+        c->flags &= ~PP_C_DEFERRED;
+        pp__list_unlink(&c->def_timer);
+        srv->ndeferred--;
+    }
     if (!(c->flags & (PP_C_BROKEN | PP_C_CLOSE)) && pp__buf_size(&c->task) > 0) {
-        /* The rest of the task goes back to a worker, which sends this
-         * reply with the ones it makes (bypassing queue_size, like events:
+        /* The rest of the task goes back to a worker, which sends these
+         * replies with the ones it makes (bypassing queue_size, like events:
          * the connection had its place already). */
         batch_add(srv, c, PP_EV_NONE);
         conn_update(srv, c);
@@ -877,20 +915,34 @@ static void deferred_apply(pp_server *srv, pp_conn *c)
     conn_progress(srv, c);
 }
 
-/* Every handle finished since the last round. */
+/* Every handle finished since the last round.  Marked first, applied
+ * after: applying one connection's replies may drop (and free) handles of
+ * its that are further down the taken chain. */
 static void take_deferred(pp_server *srv)
 {
     pp_dimpl *d = pp__deferred_take(srv);
+    pp_conn *settle = NULL;
     while (d != NULL) {
         pp_dimpl *next = (pp_dimpl *)(void *)d->link.next;
         d->link.next = NULL;
+        d->ready = 1;
         pp_conn *c = d->conn;
-        c->flags |= PP_C_DEF_READY;
         /* In flight: the task that deferred is not back yet; on_complete()
          * applies it. */
-        if (!(c->flags & PP_C_IN_FLIGHT))
-            deferred_apply(srv, c);
+        if (!(c->flags & (PP_C_IN_FLIGHT | PP_C_SETTLE))) {
+            c->flags |= PP_C_SETTLE;
+            c->settle_next = settle;
+            settle = c;
+        }
         d = next;
+    }
+    while (settle != NULL) {
+        pp_conn *c = settle;
+        settle = c->settle_next; /* applying may free c, and only c */
+        c->settle_next = NULL;
+        c->flags &= ~PP_C_SETTLE;
+        if (deferred_head_ready(c))
+            deferred_apply(srv, c);
     }
 }
 
@@ -1032,7 +1084,7 @@ static void cut_deferred(pp_server *srv)
         pp_link *next = l->next;
         pp_conn *c = PP_CONN_OF(l, all);
         if (c->flags & PP_C_DEFERRED) {
-            pp__stat_add(&srv->stats.deferred_cancelled, 1);
+            pp__stat_add(&srv->stats.deferred_cancelled, c->ndef);
             c->flags |= PP_C_BROKEN;
             conn_progress(srv, c);
         }

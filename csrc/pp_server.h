@@ -86,6 +86,13 @@ typedef struct pp_config {
      * cancelled.  The handle itself may be finished and freed meanwhile:
      * the id is all it gets.  Must not block. */
     void (*deferred_gone)(void *ctx, uint64_t deferred_id);
+    /* Replies a connection may have deferred at once (0 or 1: one).  Above
+     * one, a per-message handler that defers is called again for the next
+     * message of the same read, up to this many deferrals; the replies made
+     * meanwhile are held behind the pending one, so replies still leave in
+     * request order.  Messages read later wait until every reply is in.
+     * At most 1024. */
+    size_t max_deferred;
 } pp_config;
 
 /* What a push past push_limit does: close that connection (the default, as

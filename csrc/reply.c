@@ -31,16 +31,26 @@ typedef struct reply_impl {
     int overflow;       /* output_limit passed: the task must stop */
     pp_dimpl *deferred; /* pp_reply_defer() was called in this call */
     size_t rest_off;    /* then: where the messages after it begin in task */
+    pp_dimpl *held;     /* max_deferred > 1: the task's newest handle, whose
+                           after buffer takes the replies made now */
+    size_t held_bytes;  /* bytes in the after buffers of the older ones */
+    size_t ndef;        /* handles this task queued on the connection */
     const pp_msg *msgs; /* a batch call's messages */
     size_t nmsgs;
     size_t handled;     /* pp_reply_defer_batch(): messages before next */
 } reply_impl;
 
+/* Where replies go: the output, or behind a pending reply. */
+static inline pp_buf *ri_out(reply_impl *ri)
+{
+    return ri->held ? &ri->held->after : &ri->conn->out;
+}
+
 static int reply_write(pp_reply *r, const void *data, size_t len)
 {
     reply_impl *ri = r->impl;
     const pp_framing *f = &ri->srv->framing;
-    pp_buf *out = &ri->conn->out;
+    pp_buf *out = ri_out(ri);
     if (ri->deferred) {
         errno = EINVAL; /* the reply is the handle's now */
         return -1;
@@ -91,12 +101,14 @@ static inline int reply_close(reply_impl *ri, int st)
         return rc;
     ri->open = 0;
     const pp_framing *f = &ri->srv->framing;
-    pp_buf *out = &ri->conn->out;
+    pp_buf *out = ri_out(ri);
     size_t body = pp__buf_size(out) - ri->mark;
     if (rc == 0 && st >= 0)
         rc = pp__frame_finish(f, out, body);
     if (rc < 0 || st < 0)
         out->len -= body + pp__frame_prefix_len(f); /* no half reply goes out */
+    else if (ri->held)
+        ri->held->after_n++; /* counted when it joins the output */
     else
         ri->replies++;
     return rc;
@@ -119,7 +131,7 @@ static pp_dimpl *defer_open(reply_impl *ri)
     }
     if (ri->open) {
         const pp_framing *f = &ri->srv->framing;
-        pp_buf *out = &ri->conn->out;
+        pp_buf *out = ri_out(ri);
         size_t body = pp__buf_size(out) - ri->mark;
         int rc = ri->error ? -ri->error : d->pub.ops->write(&d->pub, out->data + out->len - body, body);
         if (rc < 0) {
@@ -165,10 +177,29 @@ pp_deferred *pp_reply_defer_batch(pp_reply *r, size_t next)
     return &d->pub;
 }
 
-/* Checked after every message, so the check is inline and the send not. */
+/* Queues d, deferred by the call just made, on the connection; replies made
+ * after it are held in its after buffer. */
+static void defer_queue(reply_impl *ri, pp_dimpl *d)
+{
+    pp_conn *c = ri->conn;
+    ri->deferred = NULL;
+    if (ri->held)
+        ri->held_bytes += pp__buf_size(&ri->held->after);
+    ri->held = d;
+    ri->ndef++;
+    if (c->def_tail)
+        c->def_tail->qnext = d;
+    else
+        c->def_head = d;
+    c->def_tail = d;
+    c->ndef++;
+}
+
+/* Checked after every message, so the check is inline and the send not.
+ * Held replies wait for the pending one before them: nothing to send. */
 static inline int maybe_flush(reply_impl *ri)
 {
-    if (pp__buf_size(&ri->conn->out) < PP_FLUSH_AT)
+    if (ri->held != NULL || pp__buf_size(&ri->conn->out) < PP_FLUSH_AT)
         return 0;
     return flush_now(ri);
 }
@@ -210,11 +241,14 @@ int pp_reply_send_framed(pp_reply *r, const void *data, size_t len,
     reply_impl *ri = r->impl;
     if (ri->open)
         abort(); /* mixing with pp_reply_write() inside one message */
-    if (pp__buf_append(&ri->conn->out, data, len) < 0) {
+    if (pp__buf_append(ri_out(ri), data, len) < 0) {
         errno = ENOMEM;
         return -1;
     }
-    ri->replies += nreplies;
+    if (ri->held)
+        ri->held->after_n += nreplies;
+    else
+        ri->replies += nreplies;
     return after_reply(ri);
 }
 
@@ -319,16 +353,34 @@ static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
         pos += fr.frame_len;
         ++*nmsg;
         if (ri->deferred) {
-            ri->rest_off = pos; /* the messages after this one wait for it */
-            return PP_DEFER;
+            defer_queue(ri, ri->deferred);
+            /* The messages after this one wait for it, unless the handler
+             * may go on while it is pending (max_deferred), with what it
+             * holds back bounded by output_high_water. */
+            if (ri->ndef >= srv->max_deferred || pos == len ||
+                ri->held_bytes > srv->cfg.output_high_water) {
+                ri->rest_off = pos;
+                return PP_DEFER;
+            }
+            continue;
         }
         if (st == PP_DEFER)
             st = -EINVAL; /* nothing was deferred */
         int rc = reply_close(ri, st);
         if (rc < 0 && st >= 0)
             st = rc;
-        if (st != PP_KEEP)
+        if (st != PP_KEEP) {
+            ri->rest_off = len; /* with replies pending: none of the rest runs */
             return st > 0 ? PP_CLOSE : st;
+        }
+        if (ri->held != NULL) {
+            if (pos < len && ri->held_bytes + pp__buf_size(&ri->held->after) >
+                                 srv->cfg.output_high_water) {
+                ri->rest_off = pos;
+                return PP_DEFER;
+            }
+            continue;
+        }
         rc = maybe_flush(ri);
         if (rc == -ENOBUFS)
             return rc;
@@ -336,6 +388,10 @@ static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
             c->send_error = -rc;
             return PP_KEEP;
         }
+    }
+    if (ri->ndef) {
+        ri->rest_off = len;
+        return PP_DEFER;
     }
     return PP_KEEP;
 }
@@ -439,11 +495,15 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     } else {
         st = run_batch(srv, w, c, &r, &nmsg);
     }
-    if (st == PP_DEFER) {
-        c->def = ri.deferred;
-        c->rest_off = ri.rest_off;
-        pp__stat_add(&w->stats.deferred_total, 1);
-    } else if (st == -ENOMEM)
+    if (ri.deferred != NULL)
+        defer_queue(&ri, ri.deferred); /* the open hook's or a batch's */
+    if (ri.ndef > 0) {
+        /* The task ended with replies pending, on PP_DEFER or on an outcome
+         * the I/O thread applies once they are in. */
+        c->rest_off = st == PP_DEFER ? ri.rest_off : pp__buf_size(&c->task);
+        pp__stat_add(&w->stats.deferred_total, ri.ndef);
+    }
+    if (st == -ENOMEM)
         pp__stat_add(&w->stats.nomem_errors, 1);
     else if (st == -ENOBUFS)
         pp__stat_add(&w->stats.output_overflows, 1);
@@ -456,8 +516,8 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
         /* Pushes were lost: none may follow the gap. */
         pp__push_refuse(srv, c);
         pp__stat_add(&w->stats.nomem_errors, 1);
-        if (st == PP_DEFER)
-            c->send_error = ENOMEM; /* the I/O thread cuts it, handle and all */
+        if (ri.ndef > 0)
+            c->send_error = ENOMEM; /* the I/O thread cuts it, handles and all */
         else if (st >= 0)
             st = -ENOMEM;
     }

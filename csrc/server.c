@@ -65,6 +65,8 @@ static int validate(const pp_config *cfg)
         return -EINVAL;
     if (cfg->push_overflow != PP_PUSH_CLOSE && cfg->push_overflow != PP_PUSH_DROP)
         return -EINVAL;
+    if (cfg->max_deferred > PP_MAX_DEFERRED)
+        return -EINVAL;
     return 0;
 }
 
@@ -185,6 +187,7 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     srv->reply_ms = (int64_t)(cfg->reply_timeout * 1000.0);
     if (srv->reply_ms == 0 && cfg->reply_timeout > 0.0)
         srv->reply_ms = 1;
+    srv->max_deferred = cfg->max_deferred > 1 ? cfg->max_deferred : 1;
     if (srv->cfg.backlog <= 0)
         srv->cfg.backlog = 1024;
     if (srv->cfg.queue_size == 0)
@@ -447,8 +450,10 @@ void pp__server_destroy(pp_server *srv)
         pp__list_unlink(l);
         pp_conn *c = PP_CONTAINER(l, pp_conn, all);
         close(c->fd);
-        if (c->def != NULL)
-            (void)pp__deferred_drop(srv, c);
+        if (c->def_head != NULL) {
+            uint64_t ids[PP_MAX_DEFERRED];
+            (void)pp__deferred_drop(srv, c, ids);
+        }
         pp__push_unregister(srv, c);
         pp__segq_free(&c->outq);
         pp__buf_free(&c->in);

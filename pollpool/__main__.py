@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reply-timeout", type=float, default=0.0,
                    help="close a connection whose deferred or async reply takes this many "
                         "seconds (default 0: no limit)")
+    p.add_argument("--max-deferred", type=int, default=1,
+                   help="native handlers: replies a connection may have deferred at once, "
+                        "the handler going on with the rest of a read meanwhile; replies "
+                        "stay in request order (default 1: later messages wait)")
     p.add_argument("--reject-message", default=None,
                    help="with --max-connections: accept extra clients, send this, close "
                         "(default: pause accepting)")
@@ -108,6 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             backend=args.backend,
             processes=args.processes,
             reply_timeout=args.reply_timeout,
+            max_deferred=args.max_deferred,
         )
         host, port = server.listen()
     except (ValueError, TypeError, ImportError, AttributeError) as e:

@@ -67,6 +67,7 @@ typedef struct pp_config {
     int push_overflow;
     double reply_timeout;
     void (*deferred_gone)(void *ctx, uint64_t deferred_id);
+    size_t max_deferred;
 } pp_config;
 
 typedef struct pp_stats {

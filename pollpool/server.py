@@ -500,6 +500,7 @@ class Server:
         push_limit: int = 1024 * 1024,
         on_push_overflow: str = "close",
         reply_timeout: float = 0.0,
+        max_deferred: int = 1,
         loop: Optional[asyncio.AbstractEventLoop] = None,
     ) -> None:
         # Every argument but the handler, as given: what a forked server
@@ -557,6 +558,10 @@ class Server:
             raise ValueError(f"on_push_overflow must be 'close' or 'drop', got {on_push_overflow!r}")
         self.on_push_overflow = on_push_overflow
         self.reply_timeout = _check_seconds("reply_timeout", reply_timeout)
+        self.max_deferred = _check_int("max_deferred", max_deferred, 1, 1024)
+        if max_deferred > 1 and not isinstance(handler, NativeHandler):
+            raise ValueError("max_deferred > 1 needs a pollpool.NativeHandler: a Python "
+                             "handler has one reply pending per connection at a time")
         if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
             raise TypeError(f"loop must be an asyncio event loop, not {type(loop).__name__}")
         self.loop = loop
@@ -653,6 +658,7 @@ class Server:
         cfg.push_limit = self.push_limit
         cfg.push_overflow = PUSH_OVERFLOW[self.on_push_overflow]
         cfg.reply_timeout = self.reply_timeout
+        cfg.max_deferred = self.max_deferred
         reject = None
         if self.reject_message is not None:
             reject = ffi.from_buffer("unsigned char[]", self.reject_message)

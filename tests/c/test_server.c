@@ -3463,6 +3463,253 @@ static void test_deferred_batch(void)
     dq_free();
 }
 
+/* ---- several deferred replies per connection (max_deferred) -------------- */
+
+/* Takes the waiting handle whose message is s. */
+static pp_deferred *dq_take_msg(const char *s)
+{
+    int64_t until = now_ms() + 10000;
+    for (;;) {
+        pthread_mutex_lock(&DQ.mu);
+        for (size_t i = 0; i < DQ.n; i++) {
+            if (is(DQ.msg[i], DQ.len[i], s)) {
+                pp_deferred *d = DQ.d[i];
+                DQ.n--;
+                DQ.d[i] = DQ.d[DQ.n];
+                DQ.msg[i] = DQ.msg[DQ.n];
+                DQ.len[i] = DQ.len[DQ.n];
+                pthread_mutex_unlock(&DQ.mu);
+                return d;
+            }
+        }
+        pthread_mutex_unlock(&DQ.mu);
+        CHECK(now_ms() < until);
+        sleep_ms(1);
+    }
+}
+
+static size_t dq_count(void)
+{
+    pthread_mutex_lock(&DQ.mu);
+    size_t n = DQ.n;
+    pthread_mutex_unlock(&DQ.mu);
+    return n;
+}
+
+/* Finishes d with its message uppercased. */
+static void dq_finish_upper(pp_deferred *d, const char *s, int status)
+{
+    unsigned char u[64];
+    size_t n = strlen(s);
+    CHECK(n < sizeof u);
+    memcpy(u, s, n);
+    upper_bytes(u, n);
+    CHECK_EQ(pp_deferred_write(d, u, n), 0);
+    CHECK_EQ(pp_deferred_finish(d, status), 0);
+}
+
+/* max_deferred = 4: the handler goes on with a read's later messages while
+ * the earlier replies are pending; replies finished in reverse leave in
+ * request order, a reply made at once waits behind the pending ones, a
+ * fifth deferral waits for the four before it, and a close or a peer's
+ * reset in the middle ends the rest as the contract says. */
+static void test_deferred_multi_edges(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LINE_LF);
+    cfg.max_deferred = 4;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+
+    /* Finished in reverse: nothing leaves until the first is in. */
+    int a = client_connect(port);
+    send_all(a, "a\nb\necho:x\nc\nd\n", 15);
+    wait_queued(4);
+    dq_finish_upper(dq_take_msg("d"), "d", PP_KEEP);
+    dq_finish_upper(dq_take_msg("c"), "c", PP_KEEP);
+    dq_finish_upper(dq_take_msg("b"), "b", PP_KEEP);
+    expect_silence(a, 100);
+    dq_finish_upper(dq_take_msg("a"), "a", PP_KEEP);
+    expect_reply(a, &LINE_LF, "A");
+    expect_reply(a, &LINE_LF, "B");
+    expect_reply(a, &LINE_LF, "echo:x"); /* made at once, held behind B */
+    expect_reply(a, &LINE_LF, "C");
+    expect_reply(a, &LINE_LF, "D");
+
+    /* A prefix goes as soon as it is in; the fifth waits for the four. */
+    send_all(a, "e\nf\ng\nh\ni\necho:y\n", 17);
+    wait_queued(4);
+    dq_finish_upper(dq_take_msg("e"), "e", PP_KEEP);
+    expect_reply(a, &LINE_LF, "E");
+    dq_finish_upper(dq_take_msg("g"), "g", PP_KEEP);
+    expect_silence(a, 50);
+    CHECK_EQ(dq_count(), 2); /* f and h: i is not handled yet */
+    dq_finish_upper(dq_take_msg("f"), "f", PP_KEEP);
+    expect_reply(a, &LINE_LF, "F");
+    expect_reply(a, &LINE_LF, "G");
+    sleep_ms(50);
+    CHECK_EQ(dq_count(), 1);
+    dq_finish_upper(dq_take_msg("h"), "h", PP_KEEP);
+    expect_reply(a, &LINE_LF, "H");
+    dq_finish_upper(dq_take_msg("i"), "i", PP_KEEP);
+    expect_reply(a, &LINE_LF, "I");
+    expect_reply(a, &LINE_LF, "echo:y");
+
+    /* A close in the middle: its reply goes, then EOF; the one after it is
+     * gone (its finish says so) and so is the reply held behind it. */
+    send_all(a, "j\nk\necho:z\nl\n", 13);
+    wait_queued(3);
+    pp_deferred *l = dq_take_msg("l");
+    dq_finish_upper(dq_take_msg("k"), "k", PP_CLOSE);
+    dq_finish_upper(dq_take_msg("j"), "j", PP_KEEP);
+    expect_reply(a, &LINE_LF, "J");
+    expect_reply(a, &LINE_LF, "K");
+    expect_eof(a);
+    close(a);
+    WAIT_STAT(srv, closed, 1, 1);
+    CHECK_EQ(atomic_load(&df_gone), 1);
+    CHECK_EQ(pp_deferred_finish(l, PP_KEEP), -ENOTCONN);
+
+    /* A reset with three pending: each handle is told, each message stays
+     * readable until its own finish, in any order. */
+    int b = client_connect(port);
+    send_all(b, "m1\nm2\nm3\n", 9);
+    wait_queued(3);
+    struct linger lg = {1, 0};
+    CHECK(setsockopt(b, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) == 0);
+    close(b);
+    WAIT_STAT(srv, closed, 2, 1);
+    CHECK_EQ(atomic_load(&df_gone), 4);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.deferred, 0);
+    static const char *const order[] = {"m2", "m1", "m3"};
+    for (int i = 0; i < 3; i++) {
+        pthread_mutex_lock(&DQ.mu);
+        size_t k = 0;
+        while (!is(DQ.msg[k], DQ.len[k], order[i]))
+            k++; /* reads every waiting message: ASan sees a freed one */
+        pthread_mutex_unlock(&DQ.mu);
+        pp_deferred *d = dq_take_msg(order[i]);
+        CHECK_EQ(pp_deferred_write(d, "late", 4), -ENOTCONN);
+        CHECK_EQ(pp_deferred_finish(d, PP_KEEP), -ENOTCONN);
+    }
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.deferred_total, 4 + 5 + 3 + 3);
+    CHECK_EQ(st.handler_errors, 0);
+    CHECK_EQ(atomic_load(&df_closes), 2);
+    dq_free();
+}
+
+/* Deferred or answered at once by a hash of the message, finished by other
+ * threads in random order, max_deferred = 16: every reply once, in request
+ * order; more than one reply of a connection was pending at a time, never
+ * more than 16, and replies made at once were held behind pending ones. */
+enum { DM_IDS = 1024 };
+static atomic_int dm_pend[DM_IDS];
+static atomic_int dm_max, dm_held, dm_deferred;
+
+static int dm_handler(void *ctx, const unsigned char *m, size_t n, pp_reply *r)
+{
+    (void)ctx;
+    uint64_t id = pp_reply_conn_id(r);
+    CHECK(id < DM_IDS);
+    unsigned sum = 0;
+    for (size_t i = 0; i < n; i++)
+        sum += m[i];
+    if (sum % 3 == 0) {
+        if (atomic_load(&dm_pend[id]) > 0)
+            atomic_fetch_add(&dm_held, 1);
+        unsigned char *u = malloc(n ? n : 1);
+        CHECK(u);
+        memcpy(u, m, n);
+        upper_bytes(u, n);
+        int rc = pp_reply_write(r, u, n);
+        free(u);
+        return rc < 0 ? -1 : PP_KEEP;
+    }
+    pp_deferred *d = pp_reply_defer(r);
+    CHECK(d != NULL);
+    int p = atomic_fetch_add(&dm_pend[id], 1) + 1;
+    int mx = atomic_load(&dm_max);
+    while (p > mx && !atomic_compare_exchange_weak(&dm_max, &mx, p))
+        ;
+    atomic_fetch_add(&dm_deferred, 1);
+    dq_put(d, m, n);
+    return PP_DEFER;
+}
+
+static void *dm_finisher(void *arg)
+{
+    uint64_t rng = (uint64_t)(uintptr_t)arg * 0x9e3779b97f4a7c15ull;
+    for (;;) {
+        pp_deferred *d;
+        const unsigned char *m;
+        size_t n;
+        if (!dq_take(&rng, &d, &m, &n)) {
+            if (atomic_load(&dq_stop))
+                return NULL;
+            sched_yield();
+            continue;
+        }
+        df_write_upper(d, m, n, &rng);
+        atomic_fetch_sub(&dm_pend[pp_deferred_conn_id(d)], 1);
+        CHECK_EQ(pp_deferred_finish(d, PP_KEEP), 0);
+    }
+}
+
+static void test_deferred_multi_stress(const wire *w)
+{
+    alarm(150);
+    pp_config cfg;
+    df_config(&cfg, w);
+    cfg.handler = dm_handler;
+    cfg.threads = 4;
+    cfg.max_deferred = 16;
+    for (int i = 0; i < DM_IDS; i++)
+        atomic_store(&dm_pend[i], 0);
+    atomic_store(&dm_max, 0);
+    atomic_store(&dm_held, 0);
+    atomic_store(&dm_deferred, 0);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    enum { NFIN = 4, NCONN = 100 };
+    pthread_t fin[NFIN];
+    for (int i = 0; i < NFIN; i++)
+        CHECK_EQ(pthread_create(&fin[i], NULL, dm_finisher, (void *)(uintptr_t)(i + 1)), 0);
+    size_t nmsg = scale_pct() < 50 ? 60 : scaled(1000, 60);
+    session *ss = calloc(NCONN, sizeof *ss);
+    CHECK(ss);
+    for (int i = 0; i < NCONN; i++)
+        ss[i] = (session){.port = port, .w = w, .nmsg = nmsg, .min_len = 1,
+                          .max_len = 300, .upper = 1, .half_close = i % 2,
+                          .max_piece = i % 3 == 0 ? 50 : 4096,
+                          .seed = 9000 + (uint64_t)i, .id = i};
+    run_sessions(ss, NCONN);
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.replies, NCONN * nmsg);
+    CHECK_EQ(st.deferred_total, (uint64_t)atomic_load(&dm_deferred));
+    wait_active(srv, 0);
+    atomic_store(&dq_stop, 1);
+    for (int i = 0; i < NFIN; i++)
+        CHECK_EQ(pthread_join(fin[i], NULL), 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.deferred, 0);
+    CHECK_EQ(st.handler_errors, 0);
+    CHECK_EQ(atomic_load(&df_closes), NCONN);
+    CHECK(atomic_load(&dm_max) > 1);
+    CHECK(atomic_load(&dm_max) <= 16);
+    CHECK(atomic_load(&dm_held) > 0);
+    printf("  %llu deferred, %d made at once behind pending ones, at most %d pending\n",
+           (unsigned long long)st.deferred_total, atomic_load(&dm_held), atomic_load(&dm_max));
+    sessions_free(ss, NCONN);
+    free(ss);
+    dq_free();
+}
+
 static int g_argc;
 static char **g_argv;
 
@@ -3581,6 +3828,9 @@ int main(int argc, char **argv)
     RUN("deferred_drain", test_deferred_drain());
     RUN("deferred_open", test_deferred_open());
     RUN("deferred_batch", test_deferred_batch());
+    RUN("deferred_multi_edges", test_deferred_multi_edges());
+    RUN("deferred_multi_stress_line", test_deferred_multi_stress(&LINE_LF));
+    RUN("deferred_multi_stress_length", test_deferred_multi_stress(&LENGTH4));
     RUN("on_worker", test_on_worker());
     RUN("oversize_line", test_oversize_line());
     RUN("oversize_header4", test_oversize_length_header(4));
