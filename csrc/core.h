@@ -73,6 +73,17 @@ typedef struct pp_hub {
     atomic_int has_finished;    /* finished is not empty */
     atomic_long pending;        /* handles not yet applied nor gone */
     pp_framing framing;
+    /* Handles applied, kept for reuse with their buffers (each keeps its
+     * hub reference): the I/O thread frees them, workers take them, so the
+     * allocator's per-thread caches would not serve.  The I/O thread gathers
+     * a round's in local, then moves them to pool in one lock; a worker
+     * takes a batch into a cache of its own (defer.c). */
+    pthread_mutex_t pool_mu;
+    struct pp_dimpl *pool;      /* pool_mu */
+    size_t npool;
+    atomic_size_t npool_hint;   /* npool, read without the lock */
+    struct pp_dimpl *local, *local_tail; /* I/O thread */
+    size_t nlocal;
 } pp_hub;
 
 enum { PP_D_PENDING = 0, PP_D_FINISHED = 1, PP_D_GONE = 2 };
@@ -328,6 +339,12 @@ void pp__hub_release(pp_server *srv);
 pp_dimpl *pp__deferred_new(pp_server *srv, struct pp_conn *c);
 /* Frees a handle nobody else can reach. */
 void pp__deferred_free(pp_dimpl *d);
+/* The I/O thread is done with d (applied, or dropped after its finish):
+ * kept for reuse.  pp__deferred_recycled() hands a round's to the workers. */
+void pp__deferred_recycle(pp_server *srv, pp_dimpl *d);
+void pp__deferred_recycled(pp_server *srv);
+/* A worker thread's exit: its cache of handles is freed. */
+void pp__deferred_thread_exit(void);
 /* Takes the finished list (one lock, none when it is empty): chained by
  * link.next, NULL-terminated, in finish order.  I/O thread. */
 pp_dimpl *pp__deferred_take(pp_server *srv);

@@ -29,9 +29,23 @@
  * back for another handle. */
 static _Atomic uint64_t next_id;
 
+/* Handles kept for reuse: at most this many in the hub's pool (a worker
+ * takes all of it at once), with buffers of at most this capacity (a larger
+ * one is freed, so one huge reply pins nothing). */
+#define PP_POOL_MAX 1024
+#define PP_KEEP_DBUF 2048
+/* Ids are taken from next_id this many at a time per thread. */
+#define PP_ID_BLOCK 1024
+
+/* A worker's handles, taken from its hub's pool.  A worker serves one
+ * server for its whole life, so they all hold a reference to one hub. */
+static _Thread_local pp_dimpl *cache;
+static _Thread_local uint64_t id_next, id_end;
+
 static void hub_unref(pp_hub *hub)
 {
     if (atomic_fetch_sub(&hub->refs, 1) == 1) {
+        pthread_mutex_destroy(&hub->pool_mu);
         pthread_mutex_destroy(&hub->mu);
         free(hub);
     }
@@ -44,6 +58,11 @@ int pp__hub_new(pp_server *srv)
         return -ENOMEM;
     int rc = pthread_mutex_init(&hub->mu, NULL);
     if (rc != 0) {
+        free(hub);
+        return -rc;
+    }
+    if ((rc = pthread_mutex_init(&hub->pool_mu, NULL)) != 0) {
+        pthread_mutex_destroy(&hub->mu);
         free(hub);
         return -rc;
     }
@@ -60,20 +79,113 @@ static int d_finish(pp_deferred *pub, int status);
 
 static const pp_deferred_ops ops = {d_write, d_finish};
 
+/* A handle from the worker's cache, refilled from the pool when empty. */
+static pp_dimpl *reuse(pp_hub *hub)
+{
+    if (cache == NULL && atomic_load_explicit(&hub->npool_hint, memory_order_relaxed) > 0) {
+        /* The whole pool at once: no walk over handles gone cold. */
+        pthread_mutex_lock(&hub->pool_mu);
+        cache = hub->pool;
+        hub->pool = NULL;
+        hub->npool = 0;
+        atomic_store_explicit(&hub->npool_hint, 0, memory_order_relaxed);
+        pthread_mutex_unlock(&hub->pool_mu);
+    }
+    pp_dimpl *d = cache;
+    if (d != NULL)
+        cache = d->qnext;
+    return d;
+}
+
 pp_dimpl *pp__deferred_new(pp_server *srv, pp_conn *c)
 {
-    pp_dimpl *d = calloc(1, sizeof *d);
-    if (d == NULL)
-        return NULL;
-    d->pub.ops = &ops;
-    d->hub = srv->hub;
+    pp_hub *hub = srv->hub;
+    pp_dimpl *d = reuse(hub);
+    if (d != NULL) {
+        /* As recycled: buffers empty, every other field as calloc left it
+         * but the ops, the hub and its reference. */
+        d->qnext = NULL;
+    } else {
+        d = calloc(1, sizeof *d);
+        if (d == NULL)
+            return NULL;
+        d->pub.ops = &ops;
+        d->hub = hub;
+        atomic_fetch_add(&hub->refs, 1);
+    }
     d->conn = c;
     d->conn_id = c->id;
-    d->id = atomic_fetch_add(&next_id, 1) + 1;
-    atomic_init(&d->state, PP_D_PENDING);
-    atomic_fetch_add(&srv->hub->refs, 1);
-    atomic_fetch_add(&srv->hub->pending, 1);
+    if (id_next == id_end) {
+        id_next = atomic_fetch_add_explicit(&next_id, PP_ID_BLOCK, memory_order_relaxed) + 1;
+        id_end = id_next + PP_ID_BLOCK;
+    }
+    d->id = id_next++;
+    /* Nobody else sees d yet: the finish that publishes it takes hub->mu. */
+    atomic_store_explicit(&d->state, PP_D_PENDING, memory_order_relaxed);
+    atomic_fetch_add_explicit(&hub->pending, 1, memory_order_relaxed);
     return d;
+}
+
+/* Empties a buffer for reuse, freeing it if it grew large. */
+static void dbuf_recycle(pp_buf *b)
+{
+    if (b->cap > PP_KEEP_DBUF)
+        pp__buf_free(b);
+    else
+        b->off = b->len = 0;
+}
+
+void pp__deferred_recycle(pp_server *srv, pp_dimpl *d)
+{
+    pp_hub *hub = srv->hub;
+    dbuf_recycle(&d->out);
+    dbuf_recycle(&d->after);
+    pp__buf_free(&d->keep); /* empty: only gone handles hold one, never reused */
+    d->status = 0;
+    d->mark = 0;
+    d->open = d->error = 0;
+    d->nreplies = d->after_n = 0;
+    d->ready = 0;
+    d->kprev = d->knext = NULL;
+    d->link.next = d->link.prev = NULL;
+    d->qnext = hub->local;
+    if (hub->local == NULL)
+        hub->local_tail = d;
+    hub->local = d;
+    hub->nlocal++;
+}
+
+void pp__deferred_recycled(pp_server *srv)
+{
+    pp_hub *hub = srv->hub;
+    pp_dimpl *extra = hub->local;
+    if (extra == NULL)
+        return;
+    pthread_mutex_lock(&hub->pool_mu);
+    if (hub->npool + hub->nlocal <= PP_POOL_MAX) {
+        hub->local_tail->qnext = hub->pool; /* spliced whole */
+        hub->pool = hub->local;
+        hub->npool += hub->nlocal;
+        extra = NULL;
+    }
+    atomic_store_explicit(&hub->npool_hint, hub->npool, memory_order_relaxed);
+    pthread_mutex_unlock(&hub->pool_mu);
+    hub->local = hub->local_tail = NULL;
+    hub->nlocal = 0;
+    while (extra != NULL) { /* the pool is full: these go */
+        pp_dimpl *next = extra->qnext;
+        pp__deferred_free(extra); /* never the hub's last reference: the server holds one */
+        extra = next;
+    }
+}
+
+void pp__deferred_thread_exit(void)
+{
+    while (cache != NULL) {
+        pp_dimpl *d = cache;
+        cache = d->qnext;
+        pp__deferred_free(d);
+    }
 }
 
 void pp__deferred_free(pp_dimpl *d)
@@ -278,7 +390,7 @@ size_t pp__deferred_drop(pp_server *srv, pp_conn *c, uint64_t *gone_ids)
     c->ndef = 0;
     while (dead != NULL) {
         pp_dimpl *next = dead->qnext;
-        pp__deferred_free(dead);
+        pp__deferred_recycle(srv, dead);
         dead = next;
     }
     return ngone;
@@ -300,6 +412,20 @@ void pp__hub_release(pp_server *srv)
         pp__deferred_free(PP_CONTAINER(l, pp_dimpl, link));
     }
     pthread_mutex_unlock(&hub->mu);
+    /* Handles kept for reuse (workers are gone or going: what their caches
+     * hold is freed as each exits). */
+    pp__deferred_recycled(srv);
+    pthread_mutex_lock(&hub->pool_mu);
+    pp_dimpl *pool = hub->pool;
+    hub->pool = NULL;
+    hub->npool = 0;
+    atomic_store(&hub->npool_hint, 0);
+    pthread_mutex_unlock(&hub->pool_mu);
+    while (pool != NULL) {
+        pp_dimpl *next = pool->qnext;
+        pp__deferred_free(pool);
+        pool = next;
+    }
     srv->hub = NULL;
     hub_unref(hub);
 }

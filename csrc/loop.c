@@ -877,7 +877,7 @@ static void deferred_apply(pp_server *srv, pp_conn *c)
             out_join(srv, c, &d->after);
             pp__stat_add(&srv->stats.replies, d->after_n);
         }
-        pp__deferred_free(d);
+        pp__deferred_recycle(srv, d);
         if (st < 0)
             pp__stat_add(&srv->stats.handler_errors, 1);
         if (st != PP_KEEP) {
@@ -1234,6 +1234,7 @@ int pp__loop_run(pp_server *srv)
 
         take_completions(srv);
         take_deferred(srv);
+        pp__deferred_recycled(srv);
         take_pushes(srv);
         pp_link *l;
         while ((l = pp__list_first(&srv->fired)) != NULL) {

@@ -163,9 +163,12 @@ static inline int pp_close_conn(const pp_services *s, uint64_t conn_id)
  * the reply with pp_deferred_write() and ends it with pp_deferred_finish()
  * exactly once.  Meanwhile the connection's later messages wait (replies
  * stay in request order, as with Redis's blocked clients): the next handler
- * call for it comes after the finish.  Pushes and close requests work as
- * ever.  The server's reply_timeout, if set, closes a connection whose reply
- * takes longer.  The handle is never the server's to free: finish it, even
+ * call for it comes after the finish.  A server with max_deferred = N > 1
+ * calls the handler for the next messages of the same read meanwhile, up to
+ * N replies pending at once; replies it makes at once are held behind the
+ * pending ones, so they still leave in request order.  Pushes and close
+ * requests work as ever.  The server's reply_timeout, if set, closes a
+ * connection whose reply takes longer.  The handle is never the server's to free: finish it, even
  * after the connection or the server is gone (it then returns -ENOTCONN). */
 
 /* Inside a handler (or the open hook): the reply to the current message

@@ -150,7 +150,9 @@ static void orphan_free(void *arg)
 static void worker_exit(void *arg)
 {
     pp_server *srv = arg;
-    srv->cfg.worker_exit(srv->cfg.ctx);
+    pp__deferred_thread_exit();
+    if (srv->cfg.worker_exit)
+        srv->cfg.worker_exit(srv->cfg.ctx);
 }
 
 int pp_server_new(const pp_config *cfg, pp_server **out)
@@ -234,8 +236,7 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     if ((rc = pp__pool_init(&srv->pool, cfg->threads, pp__task_run, srv)) < 0)
         goto fail;
     srv->pool.orphan_free = orphan_free;
-    if (cfg->worker_exit)
-        srv->pool.thread_exit = worker_exit;
+    srv->pool.thread_exit = worker_exit;
     if ((rc = wake_open(srv)) < 0)
         goto fail_pool;
     srv->cfg.host = cfg->host;
