@@ -30,7 +30,6 @@ typedef struct pp_server pp_server;
 struct epoll_event;
 
 #define PP_SCRATCH 16384            /* bytes the I/O thread reads at once */
-#define PP_MAX_DEFERRED 1024        /* largest cfg.max_deferred */
 
 /* Connection flags, all owned by the I/O thread. */
 enum {
@@ -254,6 +253,7 @@ struct pp_server {
     size_t ndeferred;           /* connections with PP_C_DEFERRED */
     size_t max_deferred;        /* cfg.max_deferred, at least 1 */
     int deferred_cut;           /* the drain's end cut deferred replies */
+    int cutting;                /* cut_deferred() is at work */
     pp_task *batch_head, *batch_tail; /* tasks to push at the end of this round */
     size_t batch_n;
     int accept_paused;          /* listeners not polled: EMFILE or max_connections */

@@ -338,6 +338,13 @@ static int conn_can_read(const pp_server *srv, const pp_conn *c)
 {
     if (c->flags & PP_C_LINGER)
         return 1;
+    /* Closing once its deferred replies are in: read on meanwhile (what
+     * comes is dropped with the rest), so that a reset is seen and the
+     * handles learn it now, not at their finish. */
+    if ((c->flags & (PP_C_DEFERRED | PP_C_CLOSE | PP_C_IN_FLIGHT | PP_C_EOF |
+                     PP_C_BROKEN | PP_C_BAD_FRAME)) == (PP_C_DEFERRED | PP_C_CLOSE))
+        return pp__conn_pending(c) <= srv->cfg.output_high_water &&
+               pp__buf_size(&c->in) < srv->in_limit;
     if (c->flags & (PP_C_EOF | PP_C_CLOSE | PP_C_BROKEN | PP_C_BAD_FRAME))
         return 0;
     /* Output piling up behind a peer that does not read stops its input; the
@@ -388,6 +395,8 @@ static void deferred_drop(pp_server *srv, pp_conn *c)
     srv->ndeferred--;
     uint64_t ids[PP_MAX_DEFERRED];
     size_t n = pp__deferred_drop(srv, c, ids);
+    if (srv->cutting)
+        pp__stat_add(&srv->stats.deferred_cancelled, n); /* not those finished already */
     for (size_t i = 0; i < n && srv->cfg.deferred_gone; i++)
         srv->cfg.deferred_gone(srv->cfg.ctx, ids[i]);
 }
@@ -808,8 +817,11 @@ static void on_complete(pp_server *srv, pp_conn *c)
     }
     if (c->send_error)
         c->flags |= PP_C_BROKEN;
-    else if (c->status != PP_KEEP)
+    else if (c->status != PP_KEEP && c->def_head == NULL)
         conn_set_closing(srv, c); /* PP_CLOSE or an error: send what is there */
+    /* With replies pending, a close that came after them (a later message's
+     * PP_CLOSE or error) waits in status: until they are in, pushes (the
+     * finisher's, say) still go before them. */
     if (srv->forcing)
         c->flags |= PP_C_BROKEN;
     /* Requests and pushes that came while the task ran go after its replies. */
@@ -889,6 +901,14 @@ static void deferred_apply(pp_server *srv, pp_conn *c)
         }
     }
     c->last_active = c->out_since = srv->now;
+    size_t pending = pp__conn_pending(c);
+    if (srv->cfg.output_limit && !(c->flags & PP_C_BROKEN) &&
+        pending - pp__min_size(pending, atomic_load_explicit(
+                      &c->push_queued, memory_order_relaxed)) > srv->cfg.output_limit) {
+        /* Held replies joined: the limit on_complete() checks, on them too. */
+        pp__stat_add(&srv->stats.output_overflows, 1);
+        c->flags |= PP_C_BROKEN;
+    }
     if (c->def_head != NULL) {
         /* Waiting for the next one: what is in goes out now. */
         if (!(c->flags & PP_C_BROKEN) && pp__conn_pending(c) > 0)
@@ -900,6 +920,10 @@ static void deferred_apply(pp_server *srv, pp_conn *c)
         c->flags &= ~PP_C_DEFERRED;
         pp__list_unlink(&c->def_timer);
         srv->ndeferred--;
+    }
+    if (c->status != PP_KEEP) {
+        c->status = PP_KEEP;
+        conn_set_closing(srv, c); /* the task's own close, after its replies */
     }
     if (!(c->flags & (PP_C_BROKEN | PP_C_CLOSE)) && pp__buf_size(&c->task) > 0) {
         /* The rest of the task goes back to a worker, which sends these
@@ -1079,17 +1103,18 @@ static void begin_drain(pp_server *srv)
 static void cut_deferred(pp_server *srv)
 {
     srv->deferred_cut = 1;
+    srv->cutting = 1;
     pp_link *l = pp__list_first(&srv->conns);
     while (l != NULL && l != &srv->conns) {
         pp_link *next = l->next;
         pp_conn *c = PP_CONN_OF(l, all);
         if (c->flags & PP_C_DEFERRED) {
-            pp__stat_add(&srv->stats.deferred_cancelled, c->ndef);
             c->flags |= PP_C_BROKEN;
-            conn_progress(srv, c);
+            conn_progress(srv, c); /* deferred_drop() counts what it cancels */
         }
         l = next;
     }
+    srv->cutting = 0;
 }
 
 /* Cuts every connection.  A connection whose task is still in flight only

@@ -40,6 +40,8 @@ typedef struct pp_msg {
 typedef int (*pp_batch_fn)(void *ctx, pp_reply *reply, const pp_msg *msgs,
                            size_t n);
 
+#define PP_MAX_DEFERRED 1024 /* largest pp_config.max_deferred */
+
 typedef struct pp_config {
     const char *host;           /* numeric or resolvable; NULL or "" = all IPv4 */
     int port;                   /* 0 = ephemeral */
@@ -91,7 +93,8 @@ typedef struct pp_config {
      * message of the same read, up to this many deferrals; the replies made
      * meanwhile are held behind the pending one, so replies still leave in
      * request order.  Messages read later wait until every reply is in.
-     * At most 1024. */
+     * At most PP_MAX_DEFERRED; per-message handlers only (a batch handler
+     * defers once per call). */
     size_t max_deferred;
 } pp_config;
 

@@ -374,8 +374,12 @@ static int run_handler(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
             return st > 0 ? PP_CLOSE : st;
         }
         if (ri->held != NULL) {
-            if (pos < len && ri->held_bytes + pp__buf_size(&ri->held->after) >
-                                 srv->cfg.output_high_water) {
+            size_t held = ri->held_bytes + pp__buf_size(&ri->held->after);
+            if (srv->cfg.output_limit && held > srv->cfg.output_limit) {
+                ri->rest_off = len;
+                return -ENOBUFS; /* as flush_now() would: replies dwarf input */
+            }
+            if (pos < len && held > srv->cfg.output_high_water) {
                 ri->rest_off = pos;
                 return PP_DEFER;
             }
@@ -510,7 +514,8 @@ void pp__task_run(void *arg, pp_worker *w, pp_task *t)
     else if (st < 0)
         pp__stat_add(&w->stats.handler_errors, 1);
     /* Pushes made meanwhile (by this handler too) go after the task's
-     * replies, in the same send. */
+     * replies, in the same send; replies held behind a pending one are not
+     * in the output yet, and the pushes go before them. */
     if (atomic_load_explicit(&c->outbox_has, memory_order_relaxed) &&
         (pp__push_take(srv, c, 0) & PP_P_NOMEM)) {
         /* Pushes were lost: none may follow the gap. */

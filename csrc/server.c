@@ -65,8 +65,8 @@ static int validate(const pp_config *cfg)
         return -EINVAL;
     if (cfg->push_overflow != PP_PUSH_CLOSE && cfg->push_overflow != PP_PUSH_DROP)
         return -EINVAL;
-    if (cfg->max_deferred > PP_MAX_DEFERRED)
-        return -EINVAL;
+    if (cfg->max_deferred > PP_MAX_DEFERRED || (cfg->max_deferred > 1 && cfg->batch))
+        return -EINVAL; /* a batch handler defers once per call */
     return 0;
 }
 

@@ -558,7 +558,7 @@ class Server:
             raise ValueError(f"on_push_overflow must be 'close' or 'drop', got {on_push_overflow!r}")
         self.on_push_overflow = on_push_overflow
         self.reply_timeout = _check_seconds("reply_timeout", reply_timeout)
-        self.max_deferred = _check_int("max_deferred", max_deferred, 1, 1024)
+        self.max_deferred = _check_int("max_deferred", max_deferred, 1, lib.PP_MAX_DEFERRED)
         if max_deferred > 1 and not isinstance(handler, NativeHandler):
             raise ValueError("max_deferred > 1 needs a pollpool.NativeHandler: a Python "
                              "handler has one reply pending per connection at a time")

@@ -602,6 +602,14 @@ static void test_config_validation(void)
     config_for(&cfg, &LINE_LF);
     cfg.backend = 99;
     CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.max_deferred = PP_MAX_DEFERRED + 1;
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.handler = NULL;
+    cfg.batch = batch_upper;
+    cfg.max_deferred = 2; /* a batch handler defers once per call */
+    CHECK_EQ(pp_server_new(&cfg, &srv), -EINVAL);
     CHECK(pp_backend_name(99) == NULL);
     CHECK(strcmp(pp_backend_name(PP_BACKEND_POLL), "poll") == 0);
     CHECK(srv == (pp_server *)0x1);            /* untouched on failure */
@@ -3018,6 +3026,16 @@ static int df_handler(void *ctx, const unsigned char *m, size_t n, pp_reply *r)
         atomic_fetch_sub(&df_in_task, 1);
         return PP_DEFER;
     }
+    if (n >= 6 && memcmp(m, "close:", 6) == 0) {
+        atomic_fetch_sub(&df_in_task, 1);
+        return pp_reply_write(r, m, n) < 0 ? -1 : PP_CLOSE;
+    }
+    if (is(m, n, "big")) { /* 1 MiB at once */
+        static unsigned char mib[1 << 20];
+        memset(mib, 'b', sizeof mib);
+        atomic_fetch_sub(&df_in_task, 1);
+        return pp_reply_write(r, mib, sizeof mib) < 0 ? -1 : PP_KEEP;
+    }
     CHECK_EQ(pp_reply_write(r, "", 0), 0); /* an empty start is taken over */
     pp_deferred *d = pp_reply_defer(r);
     CHECK(d != NULL);
@@ -3603,6 +3621,87 @@ static void test_deferred_multi_edges(void)
     dq_free();
 }
 
+/* Found by review: with replies pending, a later message's PP_CLOSE waits
+ * for them without hiding a reset; output_limit holds for replies held
+ * behind a pending one; the drain's end counts as cancelled only the
+ * replies still to come. */
+static void test_deferred_multi_review(void)
+{
+    alarm(60);
+    pp_config cfg;
+    df_config(&cfg, &LINE_LF);
+    cfg.max_deferred = 4;
+    cfg.output_limit = 256 * 1024;
+    cfg.output_high_water = 16 << 20;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+
+    /* A close after a pending reply: that reply, the ones before the close,
+     * the close's own, then EOF; nothing after it runs. */
+    int a = client_connect(port);
+    send_all(a, "d1\necho:a\nclose:b\necho:never\n", 29);
+    wait_queued(1);
+    expect_silence(a, 50);
+    dq_finish_upper(dq_take_msg("d1"), "d1", PP_KEEP);
+    expect_reply(a, &LINE_LF, "D1");
+    expect_reply(a, &LINE_LF, "echo:a");
+    expect_reply(a, &LINE_LF, "close:b");
+    expect_eof(a);
+    close(a);
+    WAIT_STAT(srv, closed, 1, 1);
+
+    /* The same, and the peer resets meanwhile: seen at once. */
+    int b = client_connect(port);
+    send_all(b, "d2\nclose:c\n", 11);
+    wait_queued(1);
+    sleep_ms(50);
+    struct linger lg = {1, 0};
+    CHECK(setsockopt(b, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) == 0);
+    close(b);
+    WAIT_STAT(srv, closed, 2, 1);
+    CHECK_EQ(atomic_load(&df_gone), 1);
+    CHECK_EQ(pp_deferred_finish(dq_take_msg("d2"), PP_KEEP), -ENOTCONN);
+
+    /* 8 MiB made at once behind a pending reply, for a peer that does not
+     * read: cut at output_limit, counted, as without the pending one. */
+    int c = client_connect_buf(port, 4096);
+    send_all(c, "d3\nbig\nbig\nbig\nbig\nbig\nbig\nbig\nbig\n", 35);
+    WAIT_STAT(srv, output_overflows, 1, 1);
+    WAIT_STAT(srv, closed, 3, 1);
+    CHECK_EQ(pp_deferred_finish(dq_take_msg("d3"), PP_KEEP), -ENOTCONN);
+    close(c);
+    wait_active(srv, 0);
+    pp_stats st;
+    server_down(srv, &st);
+    CHECK_EQ(st.output_overflows, 1);
+    CHECK_EQ(atomic_load(&df_gone), 2);
+
+    /* The drain's end with one reply pending and two finished behind it:
+     * one cancelled, one gone. */
+    df_config(&cfg, &LINE_LF);
+    cfg.max_deferred = 4;
+    cfg.drain_timeout = 0.3;
+    srv = server_up(&cfg, &port);
+    int d = client_connect(port);
+    send_all(d, "p1\np2\np3\n", 9);
+    wait_queued(3);
+    pp_deferred *p1 = dq_take_msg("p1");
+    dq_finish_upper(dq_take_msg("p3"), "p3", PP_KEEP);
+    dq_finish_upper(dq_take_msg("p2"), "p2", PP_KEEP);
+    expect_silence(d, 50);
+    pp_server_stop(srv, 0);
+    expect_eof(d);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECK(!pp_server_was_forced(srv));
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.deferred_cancelled, 1);
+    CHECK_EQ(atomic_load(&df_gone), 1);
+    pp_server_free(srv);
+    CHECK_EQ(pp_deferred_finish(p1, PP_KEEP), -ENOTCONN);
+    close(d);
+    dq_free();
+}
+
 /* Deferred or answered at once by a hash of the message, finished by other
  * threads in random order, max_deferred = 16: every reply once, in request
  * order; more than one reply of a connection was pending at a time, never
@@ -3829,6 +3928,7 @@ int main(int argc, char **argv)
     RUN("deferred_open", test_deferred_open());
     RUN("deferred_batch", test_deferred_batch());
     RUN("deferred_multi_edges", test_deferred_multi_edges());
+    RUN("deferred_multi_review", test_deferred_multi_review());
     RUN("deferred_multi_stress_line", test_deferred_multi_stress(&LINE_LF));
     RUN("deferred_multi_stress_length", test_deferred_multi_stress(&LENGTH4));
     RUN("on_worker", test_on_worker());
