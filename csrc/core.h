@@ -70,7 +70,7 @@ typedef struct pp_hub {
     pp_server *srv;             /* mu; NULL once the server is freed */
     pp_link finished;           /* mu: handles finished, for the I/O thread */
     atomic_int has_finished;    /* finished is not empty */
-    atomic_long pending;        /* handles not yet applied nor gone */
+    atomic_int notifying;       /* finishes waking the server after mu */
     pp_framing framing;
     /* Handles applied, kept for reuse with their buffers (each keeps its
      * hub reference): the I/O thread frees them, workers take them, so the
@@ -199,6 +199,8 @@ typedef struct pp_iostats {
     _Atomic uint64_t forced_closes, nomem_errors, rejected, idle_closes;
     _Atomic uint64_t send_timeouts, output_overflows;
     _Atomic uint64_t reply_timeouts, deferred_cancelled, handler_errors;
+    _Atomic uint64_t deferred_retired; /* handles applied or dropped: with the
+                                   workers' deferred_total, what is pending */
     _Atomic uint64_t replies;
 } pp_iostats;
 

@@ -18,6 +18,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,7 +123,6 @@ pp_dimpl *pp__deferred_new(pp_server *srv, pp_conn *c)
     d->id = id_next++;
     /* Nobody else sees d yet: the finish that publishes it takes hub->mu. */
     atomic_store_explicit(&d->state, PP_D_PENDING, memory_order_relaxed);
-    atomic_fetch_add_explicit(&hub->pending, 1, memory_order_relaxed);
     return d;
 }
 
@@ -316,10 +316,19 @@ static int d_finish(pp_deferred *pub, int status)
     atomic_store_explicit(&d->state, PP_D_FINISHED, memory_order_relaxed);
     pp__list_append(&hub->finished, &d->link);
     atomic_store(&hub->has_finished, 1);
-    /* Inside the lock: the server (and its wake fd) cannot be freed while
-     * the lock is held, since its release takes it first. */
-    pp__loop_notify(hub->srv);
+    /* The wake-up goes after the lock: a woken I/O thread that preempts us
+     * (one core) would otherwise block on the lock we hold.  The server and
+     * its wake fd stay meanwhile: its release waits for notifying to drop.
+     * d is not ours past the unlock; the hub is, until notifying drops. */
+    pp_server *srv = hub->srv;
+    if (!atomic_load(&srv->io_armed) || !atomic_exchange(&srv->io_armed, 0)) {
+        pthread_mutex_unlock(&hub->mu); /* awake: it looks at has_finished */
+        return 0;
+    }
+    atomic_fetch_add(&hub->notifying, 1);
     pthread_mutex_unlock(&hub->mu);
+    pp__loop_wake(srv);
+    atomic_fetch_sub(&hub->notifying, 1);
     return 0;
 }
 
@@ -357,7 +366,7 @@ size_t pp__deferred_drop(pp_server *srv, pp_conn *c, uint64_t *gone_ids)
         pp_dimpl *d = c->def_head;
         c->def_head = d->qnext;
         d->qnext = NULL;
-        atomic_fetch_sub(&hub->pending, 1);
+        pp__stat_add(&srv->stats.deferred_retired, 1);
         if (d->ready ||
             atomic_load_explicit(&d->state, memory_order_relaxed) == PP_D_FINISHED) {
             /* Finished already; on the finished list still unless taken. */
@@ -408,10 +417,12 @@ void pp__hub_release(pp_server *srv)
     pp_link *l;
     while ((l = pp__list_first(&hub->finished)) != NULL) {
         pp__list_unlink(l);
-        atomic_fetch_sub(&hub->pending, 1);
         pp__deferred_free(PP_CONTAINER(l, pp_dimpl, link));
     }
     pthread_mutex_unlock(&hub->mu);
+    /* A finish that saw the server may still be waking it. */
+    while (atomic_load(&hub->notifying) > 0)
+        sched_yield();
     /* Handles kept for reuse (workers are gone or going: what their caches
      * hold is freed as each exits). */
     pp__deferred_recycled(srv);

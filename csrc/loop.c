@@ -881,7 +881,7 @@ static void deferred_apply(pp_server *srv, pp_conn *c)
         if (c->def_head == NULL)
             c->def_tail = NULL;
         c->ndef--;
-        atomic_fetch_sub(&srv->hub->pending, 1);
+        pp__stat_add(&srv->stats.deferred_retired, 1);
         int st = d->status;
         out_join(srv, c, &d->out);
         pp__stat_add(&srv->stats.replies, d->nreplies);

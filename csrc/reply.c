@@ -136,7 +136,6 @@ static pp_dimpl *defer_open(reply_impl *ri)
         int rc = ri->error ? -ri->error : d->pub.ops->write(&d->pub, out->data + out->len - body, body);
         if (rc < 0) {
             pp__deferred_free(d);
-            atomic_fetch_sub(&ri->srv->hub->pending, 1);
             errno = -rc;
             return NULL;
         }

@@ -426,10 +426,7 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
     s->deferred_cancelled = PP_LD(io->deferred_cancelled);
     s->handler_errors = PP_LD(io->handler_errors);
     s->replies = PP_LD(io->replies);
-    if (srv->hub != NULL) {
-        long pending = atomic_load(&srv->hub->pending);
-        s->deferred = pending > 0 ? (uint64_t)pending : 0;
-    }
+    uint64_t retired = PP_LD(io->deferred_retired), queued = 0;
     for (int i = 0; i < srv->pool.nthreads; i++) {
         const pp_wstats *w = &srv->pool.workers[i].stats;
         s->messages += PP_LD(w->messages);
@@ -440,7 +437,11 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
         s->nomem_errors += PP_LD(w->nomem_errors);
         s->output_overflows += PP_LD(w->output_overflows);
         s->deferred_total += PP_LD(w->deferred_total);
+        queued += PP_LD(w->deferred_total);
     }
+    /* Read apart, the two may cross: a handle is counted as queued at the
+     * end of its task, and retired after. */
+    s->deferred = queued > retired ? queued - retired : 0;
 #undef PP_LD
 }
 

@@ -92,8 +92,9 @@ POLLPOOL_EXPORT int deferred_echo(void *ctx, const unsigned char *msg, size_t le
     j->d = d;
     j->len = len;
     memcpy(j->msg, msg, len);
-    if (njobs == 1)
-        pthread_cond_signal(&cv);
+    int first = njobs == 1;
     pthread_mutex_unlock(&mu);
+    if (first)
+        pthread_cond_signal(&cv); /* after the unlock: the woken finisher takes mu at once */
     return PP_DEFER;
 }
