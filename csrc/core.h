@@ -47,6 +47,8 @@ enum {
                                   queued on def_head: no task runs until the
                                   last of them is applied */
     PP_C_SETTLE = 1 << 12,     /* on take_deferred()'s list of connections */
+    PP_C_PROXY_WAIT = 1 << 13, /* its PROXY header is still to come: nothing
+                                  is framed, no event sent, until it is */
 };
 
 /* Push state of a connection, guarded by srv->push_mu. */
@@ -118,6 +120,12 @@ typedef struct pp_dimpl {
     size_t after_n;
 } pp_dimpl;
 
+/* The socket's own peer, kept when a PROXY header replaced it. */
+typedef struct pp_proxy_peer {
+    struct sockaddr_storage addr;
+    socklen_t len;
+} pp_proxy_peer;
+
 /* What a task carries besides messages. */
 enum { PP_EV_NONE = 0, PP_EV_OPEN = 1, PP_EV_CLOSE = 2 };
 
@@ -136,6 +144,8 @@ typedef struct pp_conn {
     uint64_t id;
     struct sockaddr_storage peer;
     socklen_t peer_len;
+    struct pp_proxy_peer *proxy_peer; /* the balancer, when a PROXY header
+                                   named the client (then in peer) */
     pp_buf in;                  /* read, not yet handed to a worker */
     size_t in_framed;           /* bytes at the start of in that are whole frames */
     size_t in_scanned;          /* framer hint for the partial frame after them */
@@ -199,6 +209,7 @@ typedef struct pp_iostats {
     _Atomic uint64_t forced_closes, nomem_errors, rejected, idle_closes;
     _Atomic uint64_t send_timeouts, output_overflows;
     _Atomic uint64_t reply_timeouts, deferred_cancelled, handler_errors;
+    _Atomic uint64_t proxy_errors;
     _Atomic uint64_t deferred_retired; /* handles applied or dropped: with the
                                    workers' deferred_total, what is pending */
     _Atomic uint64_t replies;
@@ -251,6 +262,9 @@ struct pp_server {
     pp_link send_list;          /* output pending: send_timeout applies */
     pp_link linger_list;        /* closing, waiting for the peer */
     pp_link defer_list;         /* deferred, by def_since: reply_timeout */
+    pp_link proxy_list;         /* waiting for a PROXY header: proxy_timeout */
+    int64_t proxy_ms;
+    pp_cidr *trusted;           /* cfg.trusted_proxies, copied */
     int64_t reply_ms;           /* reply_timeout; 0 = none */
     size_t ndeferred;           /* connections with PP_C_DEFERRED */
     size_t max_deferred;        /* cfg.max_deferred, at least 1 */

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "proxy.h"
 
 #define PP_READ_CHUNK PP_SCRATCH     /* bytes one recv() asks for */
 #define PP_DIRECT_ROOM 2048         /* room that takes a read in place */
@@ -137,6 +138,8 @@ static void conn_timers(pp_server *srv, pp_conn *c)
     int64_t *since = NULL;
     if (c->flags & (PP_C_IN_FLIGHT | PP_C_RETIRING | PP_C_BROKEN)) {
         list = NULL;
+    } else if (c->flags & PP_C_PROXY_WAIT) {
+        list = &srv->proxy_list; /* from the accept, whatever comes */
     } else if (c->flags & PP_C_LINGER) {
         list = &srv->linger_list;
     } else if (pp__conn_pending(c) > 0) {
@@ -168,6 +171,89 @@ static void conn_timers(pp_server *srv, pp_conn *c)
     } else if (since && *since != c->timer_key) {
         c->timer_key = *since;
         pp__list_move_tail(list, &c->timer);
+    }
+}
+
+/* ---- PROXY protocol ----------------------------------------------------- */
+
+static int cidr_match(const pp_cidr *n, const unsigned char *addr, int family)
+{
+    if (n->family != family)
+        return 0;
+    int bits = n->prefix, i = 0;
+    for (; bits >= 8; bits -= 8, i++)
+        if (addr[i] != n->addr[i])
+            return 0;
+    if (bits == 0)
+        return 1;
+    unsigned char mask = (unsigned char)(0xFF << (8 - bits));
+    return (addr[i] & mask) == (n->addr[i] & mask);
+}
+
+/* A peer from one of the trusted networks; an IPv4-mapped IPv6 peer (a
+ * dual-stack listener's IPv4 client) matches the IPv4 ones. */
+static int proxy_trusted(const pp_server *srv, const struct sockaddr_storage *ss, socklen_t sl)
+{
+    const unsigned char *addr;
+    int family;
+    if (ss->ss_family == AF_INET && sl >= (socklen_t)sizeof(struct sockaddr_in)) {
+        addr = (const unsigned char *)&((const struct sockaddr_in *)ss)->sin_addr;
+        family = AF_INET;
+    } else if (ss->ss_family == AF_INET6 && sl >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+        addr = (const unsigned char *)a6;
+        family = AF_INET6;
+        if (IN6_IS_ADDR_V4MAPPED(a6)) {
+            addr += 12;
+            family = AF_INET;
+        }
+    } else {
+        return 0;
+    }
+    for (size_t i = 0; i < srv->cfg.ntrusted_proxies; i++)
+        if (cidr_match(&srv->trusted[i], addr, family))
+            return 1;
+    return 0;
+}
+
+/* c waits for its PROXY header: once it is whole, the client it names is
+ * c's peer (the balancer's address is kept), the bytes after it are the
+ * stream's first, and the open event goes.  A bad one cuts c, counted. */
+static void conn_proxy(pp_server *srv, pp_conn *c)
+{
+    pp_proxy_info info;
+    const unsigned char *p = pp__buf_begin(&c->in);
+    size_t len = pp__buf_size(&c->in);
+    long n = pp__proxy_parse(p, len, &info);
+    if (n == 0 && !(c->flags & PP_C_EOF))
+        return; /* not yet */
+    /* Not a header, a partial one and EOF, or a second header after it. */
+    if (n <= 0 || pp__proxy_signature(p + n, len - (size_t)n)) {
+        pp__stat_add(&srv->stats.proxy_errors, 1);
+        c->flags |= PP_C_BROKEN;
+        return;
+    }
+    if (!info.local) {
+        pp_proxy_peer *bal = malloc(sizeof *bal);
+        if (bal == NULL) {
+            pp__stat_add(&srv->stats.nomem_errors, 1);
+            c->flags |= PP_C_BROKEN;
+            return;
+        }
+        memcpy(&bal->addr, &c->peer, sizeof bal->addr);
+        bal->len = c->peer_len;
+        c->proxy_peer = bal;
+        memcpy(&c->peer, &info.src, info.src_len);
+        c->peer_len = info.src_len;
+    }
+    pp__buf_consume(&c->in, (size_t)n);
+    c->flags &= ~PP_C_PROXY_WAIT;
+    pp__list_unlink(&c->timer);
+    c->timer_list = NULL;
+    if (has_events(srv)) {
+        /* What came after the header waits in c->in for the event. */
+        c->flags |= PP_C_OPENED;
+        batch_add(srv, c, PP_EV_OPEN);
     }
 }
 
@@ -283,14 +369,21 @@ static void do_accept(pp_server *srv, pp_watch *lw)
                 return;
             }
         }
+        if (srv->cfg.proxy_protocol && !proxy_trusted(srv, &ss, sl)) {
+            /* Only a trusted balancer may name the client. */
+            pp__stat_add(&srv->stats.proxy_errors, 1);
+            close(fd);
+            continue;
+        }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         c = calloc(1, sizeof *c);
         if (c != NULL) {
             c->fd = c->w.fd = fd;
             c->w.kind = PP_W_CONN;
-            /* The open event, if any, goes first: nothing is read before. */
-            c->w.want = has_events(srv) ? 0 : POLLIN;
+            /* The open event, if any, goes first: nothing is read before
+             * (but the PROXY header, which says who the peer is). */
+            c->w.want = has_events(srv) && !srv->cfg.proxy_protocol ? 0 : POLLIN;
         }
         if (c == NULL || srv->bk->add(srv, &c->w) < 0) {
             /* ENOMEM, or epoll's ENOSPC (max_user_watches). */
@@ -320,7 +413,10 @@ static void do_accept(pp_server *srv, pp_watch *lw)
         srv->nconns++;
         atomic_fetch_add(&srv->active, 1);
         pp__stat_add(&srv->stats.accepted, 1);
-        if (has_events(srv)) {
+        if (srv->cfg.proxy_protocol) {
+            c->flags |= PP_C_PROXY_WAIT; /* the open event follows the header */
+            conn_timers(srv, c);
+        } else if (has_events(srv)) {
             /* The open event is the connection's first task: its messages
              * are read only once it is back, so they cannot overtake it.
              * Event tasks bypass queue_size: there is one per connection. */
@@ -379,6 +475,7 @@ static void conn_update(pp_server *srv, pp_conn *c)
 
 static void conn_free(pp_conn *c)
 {
+    free(c->proxy_peer);
     pp__segq_free(&c->outq);
     pp__buf_free(&c->in);
     pp__buf_free(&c->task);
@@ -593,6 +690,11 @@ static void conn_read(pp_server *srv, pp_conn *c)
         pp__stat_add(&srv->stats.read_errors, 1);
         c->flags |= PP_C_BROKEN;
         return;
+    }
+    if (c->flags & PP_C_PROXY_WAIT) {
+        conn_proxy(srv, c);
+        if (c->flags & (PP_C_PROXY_WAIT | PP_C_BROKEN))
+            return;
     }
     conn_scan(srv, c);
 }
@@ -1057,6 +1159,13 @@ static void check_timers(pp_server *srv, int64_t now)
         c->flags |= PP_C_BROKEN;
         conn_progress(srv, c);
     }
+    while ((c = expired(&srv->proxy_list, srv->proxy_ms, now)) != NULL) {
+        pp__list_unlink(&c->timer);
+        c->timer_list = NULL;
+        pp__stat_add(&srv->stats.proxy_errors, 1); /* no header in time */
+        c->flags |= PP_C_BROKEN;
+        conn_progress(srv, c);
+    }
     while ((c = expired(&srv->send_list, srv->stall_ms, now)) != NULL) {
         pp__list_unlink(&c->timer);
         c->timer_list = NULL;
@@ -1160,6 +1269,7 @@ static int wait_timeout(pp_server *srv, int64_t now)
         PP_SOONER(list_deadline(&srv->send_list, srv->stall_ms));
     if (srv->idle_ms > 0)
         PP_SOONER(list_deadline(&srv->idle_list, srv->idle_ms));
+    PP_SOONER(list_deadline(&srv->proxy_list, srv->proxy_ms));
     if (srv->reply_ms > 0 && !pp__list_empty(&srv->defer_list))
         PP_SOONER(PP_CONN_OF(pp__list_first(&srv->defer_list), def_timer)->def_since +
                   srv->reply_ms);

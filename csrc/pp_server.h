@@ -42,6 +42,13 @@ typedef int (*pp_batch_fn)(void *ctx, pp_reply *reply, const pp_msg *msgs,
 
 #define PP_MAX_DEFERRED 1024 /* largest pp_config.max_deferred */
 
+/* A network a PROXY protocol header is taken from (pp_config). */
+typedef struct pp_cidr {
+    int family;                 /* AF_INET or AF_INET6 */
+    unsigned char addr[16];     /* network order; IPv4 in the first 4 bytes */
+    int prefix;                 /* bits: 0..32 or 0..128 */
+} pp_cidr;
+
 typedef struct pp_config {
     const char *host;           /* numeric or resolvable; NULL or "" = all IPv4 */
     int port;                   /* 0 = ephemeral */
@@ -96,6 +103,17 @@ typedef struct pp_config {
      * At most PP_MAX_DEFERRED; per-message handlers only (a batch handler
      * defers once per call). */
     size_t max_deferred;
+    /* PROXY protocol (v1 or v2), as a balancer sends it: every connection
+     * from a trusted network must begin with one header, within
+     * proxy_timeout seconds (0 = 5); the handler then sees the client it
+     * names as the peer.  A connection from elsewhere, or a header that is
+     * malformed, partial, duplicated or too long, is closed and counted in
+     * proxy_errors.  The list is copied; an IPv4-mapped IPv6 peer matches
+     * the IPv4 networks. */
+    int proxy_protocol;
+    double proxy_timeout;
+    const pp_cidr *trusted_proxies;
+    size_t ntrusted_proxies;
 } pp_config;
 
 /* What a push past push_limit does: close that connection (the default, as
@@ -132,6 +150,8 @@ typedef struct pp_stats {
     uint64_t deferred_total;    /* replies deferred */
     uint64_t reply_timeouts;    /* connections closed by reply_timeout */
     uint64_t deferred_cancelled; /* deferred replies cut by the drain's end */
+    uint64_t proxy_errors;      /* connections refused for their PROXY header
+                                   (untrusted source, malformed, timeout) */
 } pp_stats;
 
 typedef struct pp_server pp_server;
@@ -238,6 +258,10 @@ uint64_t pp_deferred_conn_id(const pp_deferred *d);
 /* Writes the peer address of the reply's connection as numeric host and
  * port.  Returns 0 or -errno. */
 int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
+/* With proxy_protocol: the balancer's address (the socket's own peer), the
+ * way pp_reply_peer() gives it; -ENOENT when the header named no client
+ * (LOCAL, UNKNOWN) or the PROXY protocol is off. */
+int pp_reply_proxy_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
 
 /* ---- talking at any time --------------------------------------------------
  * Every function below may be called from any thread, inside a handler or

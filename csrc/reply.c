@@ -442,10 +442,8 @@ static int run_batch(pp_server *srv, pp_worker *w, pp_conn *c, pp_reply *r,
     return st > 0 ? PP_CLOSE : st;
 }
 
-int pp_reply_peer(const pp_reply *r, char *host, size_t hostlen, int *port)
+static int addr_text(const struct sockaddr_storage *ss, char *host, size_t hostlen, int *port)
 {
-    const reply_impl *ri = r->impl;
-    const struct sockaddr_storage *ss = &ri->conn->peer;
     const void *addr;
     if (ss->ss_family == AF_INET) {
         addr = &((const struct sockaddr_in *)ss)->sin_addr;
@@ -459,6 +457,20 @@ int pp_reply_peer(const pp_reply *r, char *host, size_t hostlen, int *port)
     if (inet_ntop(ss->ss_family, addr, host, (socklen_t)hostlen) == NULL)
         return -errno;
     return 0;
+}
+
+int pp_reply_peer(const pp_reply *r, char *host, size_t hostlen, int *port)
+{
+    const reply_impl *ri = r->impl;
+    return addr_text(&ri->conn->peer, host, hostlen, port);
+}
+
+int pp_reply_proxy_peer(const pp_reply *r, char *host, size_t hostlen, int *port)
+{
+    const reply_impl *ri = r->impl;
+    if (ri->conn->proxy_peer == NULL)
+        return -ENOENT;
+    return addr_text(&ri->conn->proxy_peer->addr, host, hostlen, port);
 }
 
 void pp__task_run(void *arg, pp_worker *w, pp_task *t)

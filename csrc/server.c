@@ -67,6 +67,15 @@ static int validate(const pp_config *cfg)
         return -EINVAL;
     if (cfg->max_deferred > PP_MAX_DEFERRED || (cfg->max_deferred > 1 && cfg->batch))
         return -EINVAL; /* a batch handler defers once per call */
+    if (!(cfg->proxy_timeout >= 0.0) || cfg->proxy_timeout > 86400.0 ||
+        (cfg->ntrusted_proxies && cfg->trusted_proxies == NULL))
+        return -EINVAL;
+    for (size_t i = 0; i < cfg->ntrusted_proxies; i++) {
+        const pp_cidr *n = &cfg->trusted_proxies[i];
+        if ((n->family != AF_INET && n->family != AF_INET6) || n->prefix < 0 ||
+            n->prefix > (n->family == AF_INET ? 32 : 128))
+            return -EINVAL;
+    }
     return 0;
 }
 
@@ -177,6 +186,7 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     pp__list_init(&srv->send_list);
     pp__list_init(&srv->linger_list);
     pp__list_init(&srv->defer_list);
+    pp__list_init(&srv->proxy_list);
     pp__list_init(&srv->push_ready);
     pp__list_init(&srv->registry);
     srv->idle_ms = (int64_t)(cfg->idle_timeout * 1000.0);
@@ -190,6 +200,9 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     if (srv->reply_ms == 0 && cfg->reply_timeout > 0.0)
         srv->reply_ms = 1;
     srv->max_deferred = cfg->max_deferred > 1 ? cfg->max_deferred : 1;
+    srv->proxy_ms = cfg->proxy_timeout > 0.0 ? (int64_t)(cfg->proxy_timeout * 1000.0) : 5000;
+    if (srv->proxy_ms == 0)
+        srv->proxy_ms = 1;
     if (srv->cfg.backlog <= 0)
         srv->cfg.backlog = 1024;
     if (srv->cfg.queue_size == 0)
@@ -198,6 +211,16 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     srv->cfg.host = NULL;
     srv->cfg.shutdown_message = NULL;
     srv->cfg.reject_message = NULL;
+    srv->cfg.trusted_proxies = NULL;
+    if (cfg->ntrusted_proxies) {
+        srv->trusted = malloc(cfg->ntrusted_proxies * sizeof *srv->trusted);
+        if (srv->trusted == NULL) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        memcpy(srv->trusted, cfg->trusted_proxies,
+               cfg->ntrusted_proxies * sizeof *srv->trusted);
+    }
     if ((rc = pp__framing_init(&srv->framing, cfg)) < 0)
         goto fail;
     if ((rc = pthread_mutex_init(&srv->push_mu, NULL)) != 0) {
@@ -272,6 +295,7 @@ fail:
     pp__hub_release(srv);
     free(srv->shutdown_msg);
     free(srv->reject_msg);
+    free(srv->trusted);
     free(srv);
     return rc;
 }
@@ -423,6 +447,7 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
     s->push_overflow_closes = PP_LD(srv->push_stats.push_overflow_closes);
     s->wakeups = PP_LD(srv->wakeups);
     s->reply_timeouts = PP_LD(io->reply_timeouts);
+    s->proxy_errors = PP_LD(io->proxy_errors);
     s->deferred_cancelled = PP_LD(io->deferred_cancelled);
     s->handler_errors = PP_LD(io->handler_errors);
     s->replies = PP_LD(io->replies);
@@ -461,6 +486,7 @@ void pp__server_destroy(pp_server *srv)
         pp__buf_free(&c->in);
         pp__buf_free(&c->task);
         pp__buf_free(&c->out);
+        free(c->proxy_peer);
         free(c);
     }
     free(srv->by_id);
@@ -473,6 +499,7 @@ void pp__server_destroy(pp_server *srv)
     pp__pool_destroy(&srv->pool);
     free(srv->shutdown_msg);
     free(srv->reject_msg);
+    free(srv->trusted);
     free(srv);
 }
 

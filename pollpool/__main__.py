@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reply-timeout", type=float, default=0.0,
                    help="close a connection whose deferred or async reply takes this many "
                         "seconds (default 0: no limit)")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="every connection from a trusted proxy begins with a PROXY header "
+                        "(v1 or v2, as HAProxy's send-proxy sends it); handlers see the client")
+    p.add_argument("--trusted-proxy", action="append", default=None, metavar="CIDR",
+                   help="with --proxy-protocol: a network the header is taken from "
+                        "(repeatable; '*' for any; default 127.0.0.0/8 and ::1/128)")
+    p.add_argument("--proxy-timeout", type=float, default=5.0,
+                   help="seconds a connection may take to send its PROXY header (default 5)")
     p.add_argument("--max-deferred", type=int, default=1,
                    help="native handlers: replies a connection may have deferred at once, "
                         "the handler going on with the rest of a read meanwhile; replies "
@@ -113,6 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             processes=args.processes,
             reply_timeout=args.reply_timeout,
             max_deferred=args.max_deferred,
+            proxy_protocol=args.proxy_protocol,
+            proxy_timeout=args.proxy_timeout,
+            **({"trusted_proxies": args.trusted_proxy} if args.trusted_proxy else {}),
         )
         host, port = server.listen()
     except (ValueError, TypeError, ImportError, AttributeError) as e:

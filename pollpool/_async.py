@@ -280,7 +280,9 @@ class AsyncRunner:
 
     def _open(self, it: Any) -> None:
         h = self.h
-        conn = Connection(it.conn_id, (ffi.string(it.host).decode(), it.port), self.server_ref)
+        proxy = ffi.string(it.proxy_host).decode()
+        conn = Connection(it.conn_id, (ffi.string(it.host).decode(), it.port), self.server_ref,
+                          (proxy, it.proxy_port) if proxy else None)
         self.conns[it.conn_id] = conn
         if h.on_connect is None:
             _finish(it.handle, b"", 0, 0)

@@ -35,6 +35,12 @@ typedef void (*pp_close_fn)(void *ctx, uint64_t conn_id);
 typedef int (*pp_batch_fn)(void *ctx, pp_reply *reply, const pp_msg *msgs,
                            size_t n);
 
+typedef struct pp_cidr {
+    int family;
+    unsigned char addr[16];
+    int prefix;
+} pp_cidr;
+
 typedef struct pp_config {
     const char *host;
     int port;
@@ -69,6 +75,10 @@ typedef struct pp_config {
     double reply_timeout;
     void (*deferred_gone)(void *ctx, uint64_t deferred_id);
     size_t max_deferred;
+    int proxy_protocol;
+    double proxy_timeout;
+    const pp_cidr *trusted_proxies;
+    size_t ntrusted_proxies;
 } pp_config;
 
 typedef struct pp_stats {
@@ -100,6 +110,7 @@ typedef struct pp_stats {
     uint64_t deferred_total;
     uint64_t reply_timeouts;
     uint64_t deferred_cancelled;
+    uint64_t proxy_errors;
 } pp_stats;
 
 typedef struct pp_deferred pp_deferred;
@@ -118,6 +129,7 @@ int pp_server_was_forced(const pp_server *srv);
 int pp_server_on_worker(const pp_server *srv);
 long pp_server_fd_limit(const pp_server *srv);
 int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
+int pp_reply_proxy_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
 void pp_server_stats(const pp_server *srv, pp_stats *out);
 void pp_server_free(pp_server *srv);
 int pp_signals_install(pp_server *srv);
@@ -175,6 +187,8 @@ typedef struct pp_pyitem {
     pp_pymsg *msgs;
     char host[64];
     int port;
+    char proxy_host[64];
+    int proxy_port;
 } pp_pyitem;
 typedef struct pp_pyloop pp_pyloop;
 pp_pyloop *pp_py_aloop_new(int lines);

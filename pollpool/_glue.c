@@ -294,6 +294,8 @@ typedef struct pp_pyitem {
     pp_pymsg *msgs;         /* n of them (malloc'd with the item list) */
     char host[64];          /* OPEN: the peer */
     int port;
+    char proxy_host[64];    /* OPEN: the balancer, "" if none */
+    int proxy_port;
 } pp_pyitem;
 
 typedef struct pp_pyloop {
@@ -431,6 +433,8 @@ int pp_py_async_open(void *ctx, pp_reply *reply)
     pp_pyloop *q = ctx;
     pp_pyitem it = {.kind = PP_AI_OPEN, .conn_id = pp_reply_conn_id(reply)};
     pp_reply_peer(reply, it.host, sizeof it.host, &it.port);
+    if (pp_reply_proxy_peer(reply, it.proxy_host, sizeof it.proxy_host, &it.proxy_port) < 0)
+        it.proxy_host[0] = '\0';
     it.handle = pp_reply_defer(reply);
     if (it.handle == NULL)
         return -1;

@@ -12,7 +12,9 @@ class Connection:
     """One client connection, as a connection-aware handler sees it.
 
     ``id`` is unique for the server's lifetime (never reused); ``peer`` is the
-    client's ``(host, port)``; ``state`` (and any other attribute you set) is
+    client's ``(host, port)`` (with ``proxy_protocol``, the client the
+    balancer's header names; ``proxy_peer`` is then the balancer's, else
+    None); ``state`` (and any other attribute you set) is
     yours.  Handler calls for one connection never overlap, so its state needs
     no lock as long as only its own handler calls touch it.
 
@@ -20,12 +22,14 @@ class Connection:
     are thread-safe: call them from any thread, inside a handler or not.
     """
 
-    __slots__ = ("id", "peer", "state", "closing", "_server", "__dict__")
+    __slots__ = ("id", "peer", "proxy_peer", "state", "closing", "_server", "__dict__")
 
     def __init__(self, conn_id: int, peer: Tuple[str, int],
-                 server: Optional[Callable[[], Optional["Server"]]] = None) -> None:
+                 server: Optional[Callable[[], Optional["Server"]]] = None,
+                 proxy_peer: Optional[Tuple[str, int]] = None) -> None:
         self.id = conn_id
         self.peer = peer
+        self.proxy_peer = proxy_peer
         self.state: Any = None
         self.closing = False
         self._server = server

@@ -7,12 +7,14 @@ import atexit
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from ._async import AsyncRunner, attacher, is_async_handler
 from ._core import ffi, lib
@@ -35,7 +37,7 @@ STAT_FIELDS = (
     "write_errors", "nomem_errors", "accept_paused", "forced_closes",
     "rejected", "idle_closes", "send_timeouts", "output_overflows",
     "pushes", "push_bytes", "push_drops", "push_overflow_closes", "wakeups",
-    "deferred", "deferred_total", "reply_timeouts", "deferred_cancelled",
+    "deferred", "deferred_total", "reply_timeouts", "deferred_cancelled", "proxy_errors",
 )
 PUSH_OVERFLOW = {"close": 0, "drop": 1}
 
@@ -102,7 +104,7 @@ class _PyHandler:
     ``on_message``, ``on_disconnect``) is reached through the ctx pointer by
     the cffi callbacks below, and gets the :class:`Connection` too."""
 
-    __slots__ = ("server", "name", "delim", "header_bytes", "reply_max", "aware",
+    __slots__ = ("server", "name", "delim", "header_bytes", "reply_max", "aware", "proxied",
                  "on_connect", "on_message", "on_disconnect", "conns", "attach")
 
     def __init__(self, handler: Any, framing: Framing, server: "Server") -> None:
@@ -110,6 +112,7 @@ class _PyHandler:
         # keeps its connections does not keep the server alive.
         self.server = weakref.ref(server)
         self.aware = is_connection_aware(handler)
+        self.proxied = server.proxy_protocol
         self.on_connect = getattr(handler, "on_connect", None) if self.aware else None
         self.on_message = getattr(handler, "on_message", None) if self.aware else None
         self.on_disconnect = getattr(handler, "on_disconnect", None) if self.aware else None
@@ -301,13 +304,40 @@ def _defer(h: _PyHandler, future: Any, index: int, reply: Any, conn_id: int) -> 
     return 2  # PP_DEFER
 
 
+def _proxy_peer(reply: Any) -> Optional[Tuple[str, int]]:
+    host = ffi.new("char[64]")
+    port = ffi.new("int *")
+    if lib.pp_reply_proxy_peer(reply, host, 64, port) < 0:
+        return None
+    return ffi.string(host).decode(), port[0]
+
+
+def _trusted_networks(value: Any) -> List[Any]:
+    """CIDR strings (or ``"*"``: everywhere) as ipaddress networks."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError("trusted_proxies must be a list of CIDR strings such as '10.0.0.0/8'")
+    nets: List[Any] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"trusted_proxies entries must be str, not {type(item).__name__}")
+        if item.strip() == "*":
+            nets += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError as e:
+            raise ValueError(f"trusted_proxies: {e}") from None
+    return nets
+
+
 @_def_extern(error=-1, onerror=_batch_failed)
 def _pp_py_open(ctx: Any, reply: Any, conn_id: int, host: Any, port: int, scratch: Any,
                 cap: int, res: Any) -> int:
     # A connection-aware handler's connection arrived: the first task of
     # that connection, so no message of it can come before.
     h: _PyHandler = ffi.from_handle(ctx)
-    conn = Connection(conn_id, (ffi.string(host).decode(), port), h.server)
+    conn = Connection(conn_id, (ffi.string(host).decode(), port), h.server,
+                      _proxy_peer(reply) if h.proxied else None)
     h.conns[conn_id] = conn
     if h.on_connect is None:
         return 0
@@ -501,6 +531,9 @@ class Server:
         on_push_overflow: str = "close",
         reply_timeout: float = 0.0,
         max_deferred: int = 1,
+        proxy_protocol: bool = False,
+        trusted_proxies: Iterable[str] = ("127.0.0.0/8", "::1/128"),
+        proxy_timeout: float = 5.0,
         loop: Optional[asyncio.AbstractEventLoop] = None,
     ) -> None:
         # Every argument but the handler, as given: what a forked server
@@ -562,6 +595,13 @@ class Server:
         if max_deferred > 1 and not isinstance(handler, NativeHandler):
             raise ValueError("max_deferred > 1 needs a pollpool.NativeHandler: a Python "
                              "handler has one reply pending per connection at a time")
+        if not isinstance(proxy_protocol, bool):
+            raise TypeError("proxy_protocol must be a bool")
+        self.proxy_protocol = proxy_protocol
+        self.trusted_proxies = tuple(str(n) for n in _trusted_networks(trusted_proxies))
+        self.proxy_timeout = _check_seconds("proxy_timeout", proxy_timeout)
+        if proxy_protocol and self.proxy_timeout == 0:
+            raise ValueError("proxy_timeout must be more than 0 with proxy_protocol")
         if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
             raise TypeError(f"loop must be an asyncio event loop, not {type(loop).__name__}")
         self.loop = loop
@@ -659,6 +699,18 @@ class Server:
         cfg.push_overflow = PUSH_OVERFLOW[self.on_push_overflow]
         cfg.reply_timeout = self.reply_timeout
         cfg.max_deferred = self.max_deferred
+        cfg.proxy_protocol = int(self.proxy_protocol)
+        cfg.proxy_timeout = self.proxy_timeout
+        nets = [ipaddress.ip_network(n) for n in self.trusted_proxies]
+        trusted = ffi.new("pp_cidr[]", max(len(nets), 1))
+        for i, net in enumerate(nets):
+            trusted[i].family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+            packed = net.network_address.packed
+            for k, b in enumerate(packed):
+                trusted[i].addr[k] = b
+            trusted[i].prefix = net.prefixlen
+        cfg.trusted_proxies = trusted
+        cfg.ntrusted_proxies = len(nets)
         reject = None
         if self.reject_message is not None:
             reject = ffi.from_buffer("unsigned char[]", self.reject_message)

@@ -401,6 +401,19 @@ static void expect_eof(int fd)
            k > 0 ? "data" : strerror(errno));
 }
 
+/* Cut: EOF or a reset (a refused peer's unread bytes turn the close into
+ * one), never data, never a timeout. */
+static void expect_cut(int fd)
+{
+    unsigned char c;
+    ssize_t k;
+    do
+        k = recv(fd, &c, 1, 0);
+    while (k < 0 && errno == EINTR);
+    CHECKF(k == 0 || (k < 0 && errno == ECONNRESET), "expected a close, got %s",
+           k > 0 ? "data" : strerror(errno));
+}
+
 /* Nothing arrives within ms milliseconds. */
 static void expect_silence(int fd, int ms)
 {
@@ -3809,6 +3822,167 @@ static void test_deferred_multi_stress(const wire *w)
     dq_free();
 }
 
+/* ---- PROXY protocol ------------------------------------------------------ */
+
+static pthread_mutex_t px_mu = PTHREAD_MUTEX_INITIALIZER;
+static char px_peer[64], px_balancer[64];
+static int px_port, px_bport, px_bal_rc;
+static atomic_int px_opens;
+
+/* The open hook records what the handler would see. */
+static int px_open(void *ctx, pp_reply *r)
+{
+    (void)ctx;
+    pthread_mutex_lock(&px_mu);
+    CHECK_EQ(pp_reply_peer(r, px_peer, sizeof px_peer, &px_port), 0);
+    px_bal_rc = pp_reply_proxy_peer(r, px_balancer, sizeof px_balancer, &px_bport);
+    pthread_mutex_unlock(&px_mu);
+    atomic_fetch_add(&px_opens, 1);
+    return PP_KEEP;
+}
+
+static void px_expect(const char *peer, int port, int bal_rc)
+{
+    pthread_mutex_lock(&px_mu);
+    CHECKF(strcmp(px_peer, peer) == 0, "peer %s, want %s", px_peer, peer);
+    if (port >= 0)
+        CHECK_EQ(px_port, port);
+    CHECK_EQ(px_bal_rc, bal_rc);
+    if (bal_rc == 0)
+        CHECK(strcmp(px_balancer, "127.0.0.1") == 0);
+    pthread_mutex_unlock(&px_mu);
+}
+
+static void wait_opens(int n)
+{
+    int64_t until = now_ms() + 10000;
+    while (atomic_load(&px_opens) < n) {
+        CHECK(now_ms() < until);
+        sleep_ms(1);
+    }
+}
+
+/* A trusted balancer's header names the client: the open hook and the
+ * handler see it, the balancer is kept, the stream begins after the header
+ * (whole or a byte at a time, v1 or v2); LOCAL keeps the socket's address;
+ * a malformed, partial, duplicated or late header, or an untrusted source,
+ * closes the connection, counted, and no event is sent for it. */
+static void test_proxy_protocol(void)
+{
+    alarm(60);
+    static const pp_cidr lo = {AF_INET, {127, 0, 0, 0}, 8};
+    pp_config cfg;
+    config_upper(&cfg, &LINE_LF, NULL);
+    cfg.on_open = px_open;
+    cfg.proxy_protocol = 1;
+    cfg.proxy_timeout = 0.3;
+    cfg.trusted_proxies = &lo;
+    cfg.ntrusted_proxies = 1;
+    atomic_store(&px_opens, 0);
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+
+    int a = client_connect(port);
+    send_all(a, "PROXY TCP4 198.18.0.7 198.18.0.1 40000 9000\r\nhello\n", 51);
+    expect_reply(a, &LINE_LF, "HELLO");
+    px_expect("198.18.0.7", 40000, 0);
+    close(a);
+
+    /* A byte at a time, and v6. */
+    static const char h6[] = "PROXY TCP6 2001:db8::9 2001:db8::1 123 9000\r\nsplit\n";
+    int b = client_connect(port);
+    for (size_t i = 0; i < sizeof h6 - 1; i++) {
+        send_all(b, h6 + i, 1);
+        if (i % 8 == 0)
+            sleep_ms(1);
+    }
+    expect_reply(b, &LINE_LF, "SPLIT");
+    px_expect("2001:db8::9", 123, 0);
+    close(b);
+
+    /* v2 with a TLV, the stream's first bytes in the same write. */
+    static const unsigned char v2h[] = {
+        0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+        0x21, 0x11, 0x00, 0x11, 198, 18, 1, 2, 198, 18, 0, 1, 0x13, 0x88, 0x23, 0x28,
+        0x04, 0x00, 0x02, 'o', 'k', 'v', '2', '\n'};
+    int c = client_connect(port);
+    send_all(c, v2h, sizeof v2h);
+    expect_reply(c, &LINE_LF, "V2");
+    px_expect("198.18.1.2", 5000, 0);
+    close(c);
+
+    /* LOCAL (a health check): the socket's own peer, no balancer. */
+    static const unsigned char local[] = {
+        0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+        0x20, 0x00, 0x00, 0x00, 'h', 'c', '\n'};
+    int d = client_connect(port);
+    send_all(d, local, sizeof local);
+    expect_reply(d, &LINE_LF, "HC");
+    px_expect("127.0.0.1", -1, -ENOENT);
+    close(d);
+    wait_opens(4);
+
+    /* Refused: not a header, a partial one then EOF, a second header, and
+     * none at all (proxy_timeout).  None reaches the handler. */
+    static const char *const bad[] = {
+        "GET / HTTP/1.0\r\n\r\n",
+        "PROXY TCP4 198.18.0.7 198.18.0.1 40000 9000\r\nPROXY TCP4 1.2.3.4 1.2.3.5 1 2\r\nx\n",
+    };
+    for (int i = 0; i < 2; i++) {
+        int e = client_connect(port);
+        send_all(e, bad[i], strlen(bad[i]));
+        expect_cut(e);
+        close(e);
+    }
+    int f = client_connect(port);
+    send_all(f, "PROXY TCP4 198.18", 17);
+    CHECK(shutdown(f, SHUT_WR) == 0);
+    expect_cut(f);
+    close(f);
+    int g = client_connect(port);
+    int64_t t0 = now_ms();
+    expect_cut(g);
+    CHECK(now_ms() - t0 >= 250);
+    close(g);
+    WAIT_STAT(srv, proxy_errors, 4, 1);
+    CHECK_EQ(atomic_load(&px_opens), 4);
+    pp_stats st;
+    wait_active(srv, 0);
+    server_down(srv, &st);
+    CHECK_EQ(st.proxy_errors, 4);
+    CHECK_EQ(st.messages, 4);
+
+    /* An untrusted source: cut at once, before any event. */
+    static const pp_cidr ten = {AF_INET, {10, 0, 0, 0}, 8};
+    config_upper(&cfg, &LINE_LF, NULL);
+    cfg.on_open = px_open;
+    cfg.proxy_protocol = 1;
+    cfg.trusted_proxies = &ten;
+    cfg.ntrusted_proxies = 1;
+    srv = server_up(&cfg, &port);
+    int h = client_connect(port);
+    send_all(h, "PROXY TCP4 198.18.0.7 198.18.0.1 40000 9000\r\nhello\n", 51);
+    expect_cut(h);
+    close(h);
+    WAIT_STAT(srv, proxy_errors, 1, 1);
+    server_down(srv, &st);
+    CHECK_EQ(st.accepted, 0);
+    CHECK_EQ(atomic_load(&px_opens), 4);
+
+    /* Bad networks are refused at construction. */
+    pp_cidr wide = {AF_INET, {0}, 33};
+    config_upper(&cfg, &LINE_LF, NULL);
+    cfg.proxy_protocol = 1;
+    cfg.trusted_proxies = &wide;
+    cfg.ntrusted_proxies = 1;
+    pp_server *none = NULL;
+    CHECK_EQ(pp_server_new(&cfg, &none), -EINVAL);
+    wide.family = AF_UNIX;
+    wide.prefix = 8;
+    CHECK_EQ(pp_server_new(&cfg, &none), -EINVAL);
+    CHECK(none == NULL);
+}
+
 static int g_argc;
 static char **g_argv;
 
@@ -3928,6 +4102,7 @@ int main(int argc, char **argv)
     RUN("deferred_open", test_deferred_open());
     RUN("deferred_batch", test_deferred_batch());
     RUN("deferred_multi_edges", test_deferred_multi_edges());
+    RUN("proxy_protocol", test_proxy_protocol());
     RUN("deferred_multi_review", test_deferred_multi_review());
     RUN("deferred_multi_stress_line", test_deferred_multi_stress(&LINE_LF));
     RUN("deferred_multi_stress_length", test_deferred_multi_stress(&LENGTH4));
