@@ -28,6 +28,8 @@ def main() -> int:
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--native-lib", default=None, metavar="PATH:SYMBOL",
                    help="with --handler native: this native handler instead of echo")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="connections begin with a PROXY header (from 127.0.0.0/8)")
     p.add_argument("--max-deferred", type=int, default=1,
                    help="replies a connection may have deferred at once (native handlers)")
     args = p.parse_args()
@@ -48,7 +50,8 @@ def main() -> int:
     server = pollpool.Server(handler, host=args.host, port=args.port, threads=args.threads,
                              framing=args.framing, backlog=args.backlog,
                              backend=args.backend, processes=args.processes,
-                             max_deferred=args.max_deferred)
+                             max_deferred=args.max_deferred,
+                             proxy_protocol=args.proxy_protocol)
     host, port = server.listen()
     server.serve_forever(on_ready=lambda: common.announce(host, port))
     return 0
