@@ -385,6 +385,8 @@ int pp__conn_flush(pp_conn *c, uint64_t *sent);
 
 /* listen.c */
 int pp__listen(pp_server *srv);
+/* Serves duplicates of n listening stream sockets instead. */
+int pp__listen_fds(pp_server *srv, const int *fds, size_t n);
 void pp__listen_close(pp_server *srv);
 
 /* server.c */

@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -116,6 +117,39 @@ fail:
     freeaddrinfo(res);
     pp__listen_close(srv);
     return rc;
+}
+
+int pp__listen_fds(pp_server *srv, const int *fds, size_t n)
+{
+    srv->nlisten = 0;
+    for (size_t i = 0; i < n; i++) {
+        int type = 0, acc = 0;
+        socklen_t tl = sizeof type, al = sizeof acc;
+        if (getsockopt(fds[i], SOL_SOCKET, SO_TYPE, &type, &tl) < 0 ||
+            getsockopt(fds[i], SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) < 0) {
+            int e = errno == EBADF ? EBADF : ENOTSOCK;
+            pp__listen_close(srv);
+            return -e;
+        }
+        if (type != SOCK_STREAM || !acc) {
+            pp__listen_close(srv);
+            return -EINVAL; /* a datagram socket, or one not listening */
+        }
+        int fd = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
+        if (fd < 0) {
+            int e = errno;
+            pp__listen_close(srv);
+            return -e;
+        }
+        srv->listen_fd[srv->nlisten++] = fd;
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+            int e = errno;
+            pp__listen_close(srv);
+            return -e;
+        }
+    }
+    return 0;
 }
 
 void pp__listen_close(pp_server *srv)

@@ -369,14 +369,16 @@ static void do_accept(pp_server *srv, pp_watch *lw)
                 return;
             }
         }
-        if (srv->cfg.proxy_protocol && !proxy_trusted(srv, &ss, sl)) {
+        if (srv->cfg.proxy_protocol &&
+            !(ss.ss_family == AF_UNIX ? srv->cfg.proxy_trust_unix : proxy_trusted(srv, &ss, sl))) {
             /* Only a trusted balancer may name the client. */
             pp__stat_add(&srv->stats.proxy_errors, 1);
             close(fd);
             continue;
         }
         int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (ss.ss_family != AF_UNIX)
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         c = calloc(1, sizeof *c);
         if (c != NULL) {
             c->fd = c->w.fd = fd;
@@ -1192,6 +1194,12 @@ static int64_t list_deadline(const pp_link *list, int64_t limit)
 static void begin_drain(pp_server *srv)
 {
     srv->draining = 1;
+    if (srv->cfg.notify_fd > 0) {
+        /* systemd (Type=notify): the service is going.  A datagram: all of
+         * it or nothing, and a full or gone manager is no reason to wait. */
+        static const char msg[] = "STOPPING=1";
+        (void)send(srv->cfg.notify_fd, msg, sizeof msg - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
     srv->accept_retry_at = 0; /* accepting is over: no retry to wake for */
     srv->drain_deadline = pp__now_ms() + (int64_t)(srv->cfg.drain_timeout * 1000.0);
     /* No new connections from here on, and no new pushes; those queued

@@ -114,6 +114,16 @@ typedef struct pp_config {
     double proxy_timeout;
     const pp_cidr *trusted_proxies;
     size_t ntrusted_proxies;
+    int proxy_trust_unix;       /* a Unix-socket peer may send the header */
+    /* Listening stream sockets to serve instead of binding host:port (TCP
+     * or Unix, inherited, from systemd...): each is duplicated, and the
+     * duplicate made non-blocking (a flag the caller's descriptor shares);
+     * the caller keeps and closes its own.  At most PP_MAX_LISTENERS. */
+    const int *listen_fds;
+    size_t nlisten_fds;
+    /* > 0: a datagram socket connected to systemd's NOTIFY_SOCKET; the I/O
+     * thread sends STOPPING=1 on it as the drain begins.  Not closed. */
+    int notify_fd;
 } pp_config;
 
 /* What a push past push_limit does: close that connection (the default, as
@@ -262,6 +272,9 @@ int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
  * way pp_reply_peer() gives it; -ENOENT when the header named no client
  * (LOCAL, UNKNOWN) or the PROXY protocol is off. */
 int pp_reply_proxy_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
+/* A Unix-socket peer's credentials (SO_PEERCRED): 0, or -EAFNOSUPPORT for
+ * a TCP peer, -errno. */
+int pp_reply_peer_cred(const pp_reply *reply, int *pid, int *uid, int *gid);
 
 /* ---- talking at any time --------------------------------------------------
  * Every function below may be called from any thread, inside a handler or

@@ -465,6 +465,21 @@ int pp_reply_peer(const pp_reply *r, char *host, size_t hostlen, int *port)
     return addr_text(&ri->conn->peer, host, hostlen, port);
 }
 
+int pp_reply_peer_cred(const pp_reply *r, int *pid, int *uid, int *gid)
+{
+    const reply_impl *ri = r->impl;
+    if (ri->conn->peer.ss_family != AF_UNIX)
+        return -EAFNOSUPPORT;
+    struct ucred cr;
+    socklen_t cl = sizeof cr;
+    if (getsockopt(ri->conn->fd, SOL_SOCKET, SO_PEERCRED, &cr, &cl) < 0)
+        return -errno;
+    *pid = (int)cr.pid;
+    *uid = (int)cr.uid;
+    *gid = (int)cr.gid;
+    return 0;
+}
+
 int pp_reply_proxy_peer(const pp_reply *r, char *host, size_t hostlen, int *port)
 {
     const reply_impl *ri = r->impl;

@@ -70,6 +70,11 @@ static int validate(const pp_config *cfg)
     if (!(cfg->proxy_timeout >= 0.0) || cfg->proxy_timeout > 86400.0 ||
         (cfg->ntrusted_proxies && cfg->trusted_proxies == NULL))
         return -EINVAL;
+    if (cfg->nlisten_fds > PP_MAX_LISTENERS || (cfg->nlisten_fds && cfg->listen_fds == NULL))
+        return -EINVAL;
+    for (size_t i = 0; i < cfg->nlisten_fds; i++)
+        if (cfg->listen_fds[i] < 0)
+            return -EBADF;
     for (size_t i = 0; i < cfg->ntrusted_proxies; i++) {
         const pp_cidr *n = &cfg->trusted_proxies[i];
         if ((n->family != AF_INET && n->family != AF_INET6) || n->prefix < 0 ||
@@ -263,7 +268,8 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     if ((rc = wake_open(srv)) < 0)
         goto fail_pool;
     srv->cfg.host = cfg->host;
-    rc = pp__listen(srv);
+    rc = cfg->nlisten_fds ? pp__listen_fds(srv, cfg->listen_fds, cfg->nlisten_fds)
+                          : pp__listen(srv);
     srv->cfg.host = NULL;
     if (rc < 0)
         goto fail_wake;
@@ -312,6 +318,8 @@ int pp_server_address(const pp_server *srv, char *host, size_t hostlen, int *por
     if (ss.ss_family == AF_INET) {
         addr = &((struct sockaddr_in *)&ss)->sin_addr;
         *port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    } else if (ss.ss_family != AF_INET6) {
+        return -EAFNOSUPPORT; /* a Unix socket: its path is the caller's */
     } else {
         addr = &((struct sockaddr_in6 *)&ss)->sin6_addr;
         *port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);

@@ -14,6 +14,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/un.h>
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
@@ -3983,6 +3984,115 @@ static void test_proxy_protocol(void)
     CHECK(none == NULL);
 }
 
+/* ---- listening sockets given by the caller -------------------------------- */
+
+static atomic_int lf_cred_ok;
+static int lf_open(void *ctx, pp_reply *r)
+{
+    (void)ctx;
+    int pid, uid, gid;
+    if (pp_reply_peer_cred(r, &pid, &uid, &gid) == 0) {
+        CHECK_EQ(pid, (int)getpid());
+        CHECK_EQ(uid, (int)getuid());
+        CHECK_EQ(gid, (int)getgid());
+        atomic_fetch_add(&lf_cred_ok, 1);
+    } else {
+        char host[64];
+        int port;
+        CHECK_EQ(pp_reply_peer(r, host, sizeof host, &port), 0);
+        CHECK(strcmp(host, "127.0.0.1") == 0);
+    }
+    return PP_KEEP;
+}
+
+/* A Unix and a TCP listener made by the caller feed one I/O thread; a Unix
+ * peer's credentials reach the hooks; a socket that is not listening is
+ * refused; the drain says STOPPING=1 on the notify socket. */
+static void test_listen_fds(void)
+{
+    alarm(60);
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/pp-test-%d.sock", (int)getpid());
+    unlink(path);
+    int ux = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(ux >= 0);
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    memcpy(sun.sun_path, path, strlen(path) + 1);
+    CHECK(bind(ux, (struct sockaddr *)&sun, sizeof sun) == 0);
+    CHECK(listen(ux, 16) == 0);
+    int tcp = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(bind(tcp, (struct sockaddr *)&sin, sizeof sin) == 0);
+    CHECK(listen(tcp, 16) == 0);
+    socklen_t sl = sizeof sin;
+    CHECK(getsockname(tcp, (struct sockaddr *)&sin, &sl) == 0);
+    int notify[2];
+    CHECK(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, notify) == 0);
+
+    pp_config cfg;
+    config_upper(&cfg, &LINE_LF, NULL);
+    cfg.on_open = lf_open;
+    int fds[2] = {ux, tcp};
+    cfg.listen_fds = fds;
+    cfg.nlisten_fds = 2;
+    cfg.notify_fd = notify[0];
+    atomic_store(&lf_cred_ok, 0);
+    pp_server *srv = NULL;
+    CHECK_EQ(pp_server_new(&cfg, &srv), 0);
+    CHECK_EQ(pp_server_start(srv), 0);
+
+    int u = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(connect(u, (struct sockaddr *)&sun, sizeof sun) == 0);
+    set_timeouts(u, RECV_TIMEOUT_S * 1000, RECV_TIMEOUT_S * 1000);
+    send_all(u, "over unix\n", 10);
+    expect_reply(u, &LINE_LF, "OVER UNIX");
+    int t = client_connect(ntohs(sin.sin_port));
+    send_all(t, "over tcp\n", 9);
+    expect_reply(t, &LINE_LF, "OVER TCP");
+    CHECK_EQ(atomic_load(&lf_cred_ok), 1);
+    close(u);
+    close(t);
+    wait_active(srv, 0);
+    pp_server_stop(srv, 0);
+    CHECK_EQ(pp_server_join(srv), 0);
+    char msg[32] = {0};
+    struct pollfd pfd = {notify[1], POLLIN, 0};
+    CHECK(poll(&pfd, 1, 5000) == 1);
+    CHECK_EQ(recv(notify[1], msg, sizeof msg, 0), 10);
+    CHECK(strcmp(msg, "STOPPING=1") == 0);
+    pp_server_free(srv);
+    /* The caller's own sockets are still open and its own. */
+    int acc = 0;
+    socklen_t al = sizeof acc;
+    CHECK(getsockopt(ux, SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) == 0 && acc == 1);
+    close(ux);
+    close(tcp);
+    close(notify[0]);
+    close(notify[1]);
+    unlink(path);
+
+    /* Not listening, not a socket, not a stream: refused. */
+    int idle = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int dg = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int pipefd[2];
+    CHECK(pipe(pipefd) == 0);
+    int bad[3] = {idle, dg, pipefd[0]};
+    int want[3] = {-EINVAL, -EINVAL, -ENOTSOCK};
+    for (int i = 0; i < 3; i++) {
+        config_upper(&cfg, &LINE_LF, NULL);
+        cfg.listen_fds = &bad[i];
+        cfg.nlisten_fds = 1;
+        pp_server *none = NULL;
+        CHECK_EQ(pp_server_new(&cfg, &none), want[i]);
+        CHECK(none == NULL);
+    }
+    close(idle);
+    close(dg);
+    close(pipefd[0]);
+    close(pipefd[1]);
+}
+
 static int g_argc;
 static char **g_argv;
 
@@ -4103,6 +4213,7 @@ int main(int argc, char **argv)
     RUN("deferred_batch", test_deferred_batch());
     RUN("deferred_multi_edges", test_deferred_multi_edges());
     RUN("proxy_protocol", test_proxy_protocol());
+    RUN("listen_fds", test_listen_fds());
     RUN("deferred_multi_review", test_deferred_multi_review());
     RUN("deferred_multi_stress_line", test_deferred_multi_stress(&LINE_LF));
     RUN("deferred_multi_stress_length", test_deferred_multi_stress(&LENGTH4));
