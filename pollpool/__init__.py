@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from . import handlers
-from .connection import Connection
+from .connection import Connection, PeerCred
 from .framing import LengthPrefixed, Lines, Raw, parse_framing
 from .handlers import NativeHandler
 from .server import Server
@@ -28,6 +28,6 @@ def get_include() -> str:
 
 
 __all__ = [
-    "Connection", "LengthPrefixed", "Lines", "NativeHandler", "Raw", "Server",
+    "Connection", "LengthPrefixed", "Lines", "NativeHandler", "PeerCred", "Raw", "Server",
     "get_include", "handlers", "parse_framing", "__version__",
 ]

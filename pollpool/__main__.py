@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reply-timeout", type=float, default=0.0,
                    help="close a connection whose deferred or async reply takes this many "
                         "seconds (default 0: no limit)")
+    p.add_argument("--bind", action="append", default=None, metavar="ADDRESS",
+                   help="listen here instead of --host/--port (repeatable): HOST:PORT, "
+                        "[IPv6]:PORT, unix:PATH, fd://N, or systemd (socket activation)")
+    p.add_argument("--unix-mode", default=None, metavar="OCTAL",
+                   help="permissions of unix: sockets, e.g. 660")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="every connection from a trusted proxy begins with a PROXY header "
                         "(v1 or v2, as HAProxy's send-proxy sends it); handlers see the client")
@@ -94,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     p.add_argument("--version", action="version", version=f"pollpool {__version__}")
     return p
+
+
+def _octal(text: "str | None") -> "int | None":
+    if text is None:
+        return None
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ValueError(f"--unix-mode takes octal permissions such as 660, not {text!r}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -122,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             reply_timeout=args.reply_timeout,
             max_deferred=args.max_deferred,
             proxy_protocol=args.proxy_protocol,
+            bind=args.bind,
+            unix_mode=_octal(args.unix_mode),
             proxy_timeout=args.proxy_timeout,
             **({"trusted_proxies": args.trusted_proxy} if args.trusted_proxy else {}),
         )
@@ -132,12 +148,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:
         print(f"pollpool: {e}", file=sys.stderr)
         return 1
-    shown = f"[{host}]" if ":" in host else host
+    addresses = server.addresses
 
     def ready() -> None:
         # Printed once connections are taken: with --processes, once every
         # process listens.
-        print(f"pollpool listening on {shown}:{port}", flush=True)
+        for where in addresses:
+            print(f"pollpool listening on {where}", flush=True)
         log = logging.getLogger("pollpool")
         if server.processes > 1:
             log.info("%d server processes share the port", server.processes)

@@ -23,7 +23,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Dict, List, Optional, Set
 
 from ._core import ffi, lib
-from .connection import Connection
+from .connection import Connection, PeerCred
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Server, _PyHandler
@@ -281,8 +281,9 @@ class AsyncRunner:
     def _open(self, it: Any) -> None:
         h = self.h
         proxy = ffi.string(it.proxy_host).decode()
-        conn = Connection(it.conn_id, (ffi.string(it.host).decode(), it.port), self.server_ref,
-                          (proxy, it.proxy_port) if proxy else None)
+        peer = PeerCred(it.pid, it.uid, it.gid) if it.has_cred else \
+            (ffi.string(it.host).decode(), it.port)
+        conn = Connection(it.conn_id, peer, self.server_ref, (proxy, it.proxy_port) if proxy else None)
         self.conns[it.conn_id] = conn
         if h.on_connect is None:
             _finish(it.handle, b"", 0, 0)

@@ -22,6 +22,7 @@ CDEF = """
 #define PP_BACKEND_EPOLL 1
 #define PP_MAX_DELIMITER 16
 #define PP_MAX_DEFERRED 1024
+#define PP_MAX_LISTENERS 8
 #define POLLPOOL_ABI_VERSION 2
 #define POLLPOOL_ABI_MIN 1
 #define PP_DEFER 2
@@ -79,6 +80,10 @@ typedef struct pp_config {
     double proxy_timeout;
     const pp_cidr *trusted_proxies;
     size_t ntrusted_proxies;
+    int proxy_trust_unix;
+    const int *listen_fds;
+    size_t nlisten_fds;
+    int notify_fd;
 } pp_config;
 
 typedef struct pp_stats {
@@ -130,6 +135,7 @@ int pp_server_on_worker(const pp_server *srv);
 long pp_server_fd_limit(const pp_server *srv);
 int pp_reply_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
 int pp_reply_proxy_peer(const pp_reply *reply, char *host, size_t hostlen, int *port);
+int pp_reply_peer_cred(const pp_reply *reply, int *pid, int *uid, int *gid);
 void pp_server_stats(const pp_server *srv, pp_stats *out);
 void pp_server_free(pp_server *srv);
 int pp_signals_install(pp_server *srv);
@@ -189,6 +195,7 @@ typedef struct pp_pyitem {
     int port;
     char proxy_host[64];
     int proxy_port;
+    int has_cred, pid, uid, gid;
 } pp_pyitem;
 typedef struct pp_pyloop pp_pyloop;
 pp_pyloop *pp_py_aloop_new(int lines);

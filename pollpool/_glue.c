@@ -296,6 +296,7 @@ typedef struct pp_pyitem {
     int port;
     char proxy_host[64];    /* OPEN: the balancer, "" if none */
     int proxy_port;
+    int has_cred, pid, uid, gid; /* OPEN: a Unix peer's credentials */
 } pp_pyitem;
 
 typedef struct pp_pyloop {
@@ -435,6 +436,7 @@ int pp_py_async_open(void *ctx, pp_reply *reply)
     pp_reply_peer(reply, it.host, sizeof it.host, &it.port);
     if (pp_reply_proxy_peer(reply, it.proxy_host, sizeof it.proxy_host, &it.proxy_port) < 0)
         it.proxy_host[0] = '\0';
+    it.has_cred = pp_reply_peer_cred(reply, &it.pid, &it.uid, &it.gid) == 0;
     it.handle = pp_reply_defer(reply);
     if (it.handle == NULL)
         return -1;

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Tuple, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import BytesLike, Server
+
+
+class PeerCred(NamedTuple):
+    """A Unix-socket client's credentials (SO_PEERCRED), its ``conn.peer``."""
+
+    pid: int
+    uid: int
+    gid: int
 
 
 class Connection:
     """One client connection, as a connection-aware handler sees it.
 
     ``id`` is unique for the server's lifetime (never reused); ``peer`` is the
-    client's ``(host, port)`` (with ``proxy_protocol``, the client the
+    client's ``(host, port)``, or its :class:`PeerCred` over a Unix socket (with ``proxy_protocol``, the client the
     balancer's header names; ``proxy_peer`` is then the balancer's, else
     None); ``state`` (and any other attribute you set) is
     yours.  Handler calls for one connection never overlap, so its state needs
@@ -24,7 +32,7 @@ class Connection:
 
     __slots__ = ("id", "peer", "proxy_peer", "state", "closing", "_server", "__dict__")
 
-    def __init__(self, conn_id: int, peer: Tuple[str, int],
+    def __init__(self, conn_id: int, peer: Union[Tuple[str, int], "PeerCred"],
                  server: Optional[Callable[[], Optional["Server"]]] = None,
                  proxy_peer: Optional[Tuple[str, int]] = None) -> None:
         self.id = conn_id

@@ -18,9 +18,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from ._async import AsyncRunner, attacher, is_async_handler
 from ._core import ffi, lib
-from .connection import Connection
+from .connection import Connection, PeerCred
 from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
 from .handlers import NativeHandler
+from .listeners import Listener, close_all, notify, notify_socket, open_listeners, parse_bind, systemd_listeners
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 # cffi has no type hints: its decorator, typed, so that the callbacks keep theirs.
@@ -304,6 +305,16 @@ def _defer(h: _PyHandler, future: Any, index: int, reply: Any, conn_id: int) -> 
     return 2  # PP_DEFER
 
 
+def _peer(reply: Any, host: Any, port: int) -> Any:
+    text = ffi.string(host).decode()
+    if text:
+        return text, port
+    cred = ffi.new("int[3]")
+    if lib.pp_reply_peer_cred(reply, cred, cred + 1, cred + 2) == 0:
+        return PeerCred(cred[0], cred[1], cred[2])
+    return text, port
+
+
 def _proxy_peer(reply: Any) -> Optional[Tuple[str, int]]:
     host = ffi.new("char[64]")
     port = ffi.new("int *")
@@ -336,7 +347,7 @@ def _pp_py_open(ctx: Any, reply: Any, conn_id: int, host: Any, port: int, scratc
     # A connection-aware handler's connection arrived: the first task of
     # that connection, so no message of it can come before.
     h: _PyHandler = ffi.from_handle(ctx)
-    conn = Connection(conn_id, (ffi.string(host).decode(), port), h.server,
+    conn = Connection(conn_id, _peer(reply, host, port), h.server,
                       _proxy_peer(reply) if h.proxied else None)
     h.conns[conn_id] = conn
     if h.on_connect is None:
@@ -534,6 +545,9 @@ class Server:
         proxy_protocol: bool = False,
         trusted_proxies: Iterable[str] = ("127.0.0.0/8", "::1/128"),
         proxy_timeout: float = 5.0,
+        bind: Optional[Iterable[str]] = None,
+        sock: Union[socket.socket, Iterable[socket.socket], None] = None,
+        unix_mode: Optional[int] = None,
         loop: Optional[asyncio.AbstractEventLoop] = None,
     ) -> None:
         # Every argument but the handler, as given: what a forked server
@@ -602,6 +616,27 @@ class Server:
         self.proxy_timeout = _check_seconds("proxy_timeout", proxy_timeout)
         if proxy_protocol and self.proxy_timeout == 0:
             raise ValueError("proxy_timeout must be more than 0 with proxy_protocol")
+        if isinstance(bind, str):
+            bind = [bind]
+        self.bind: Tuple[str, ...] = tuple(bind) if bind is not None else ()
+        for spec in self.bind:
+            parse_bind(spec)   # ValueError / TypeError now, not at listen()
+        if isinstance(sock, socket.socket):
+            sock = [sock]
+        self.sock: Tuple[socket.socket, ...] = tuple(sock) if sock is not None else ()
+        for s in self.sock:
+            if not isinstance(s, socket.socket):
+                raise TypeError(f"sock must be a socket.socket, not {type(s).__name__}")
+        if unix_mode is not None:
+            _check_int("unix_mode", unix_mode, 0, 0o7777)
+        self.unix_mode = unix_mode
+        if processes > 1 and (self.bind or self.sock):
+            raise ValueError("bind= and sock= work with processes=1 for now")
+        if len(self.bind) + len(self.sock) > lib.PP_MAX_LISTENERS:
+            raise ValueError(f"at most {lib.PP_MAX_LISTENERS} listeners")
+        self._listeners: List[Listener] = []
+        self._specs: List[str] = []
+        self._notify: Optional[socket.socket] = None
         if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
             raise TypeError(f"loop must be an asyncio event loop, not {type(loop).__name__}")
         self.loop = loop
@@ -651,6 +686,8 @@ class Server:
             with self._lock:
                 if self._state == "binding":
                     self._state = "new"
+            if self._srv is None:
+                self._close_listeners()
             raise
 
     def _bind(self) -> Tuple[str, int]:
@@ -711,6 +748,19 @@ class Server:
             trusted[i].prefix = net.prefixlen
         cfg.trusted_proxies = trusted
         cfg.ntrusted_proxies = len(nets)
+        cfg.proxy_trust_unix = 1   # a Unix socket's permissions say who may connect
+        if self.bind or self.sock:
+            self._listeners = open_listeners(self.bind, self.sock, self.backlog,
+                                             self.reuse_port, self.unix_mode)
+        else:
+            self._listeners = systemd_listeners(self.backlog)
+        self._specs = [lst.spec for lst in self._listeners]
+        fds = ffi.new("int[]", [lst.sock.fileno() for lst in self._listeners] or [0])
+        cfg.listen_fds = fds
+        cfg.nlisten_fds = len(self._listeners)
+        self._notify = notify_socket()
+        if self._notify is not None:
+            cfg.notify_fd = self._notify.fileno()
         reject = None
         if self.reject_message is not None:
             reject = ffi.from_buffer("unsigned char[]", self.reject_message)
@@ -760,6 +810,7 @@ class Server:
         out = ffi.new("pp_server **")
         rc = lib.pp_server_new(cfg, out)
         if rc < 0:
+            self._close_listeners()
             if isinstance(self._handle, AsyncRunner):
                 self._handle.close(0)
             with self._lock:
@@ -777,7 +828,10 @@ class Server:
         self._fd_limit = None if limit < 0 else int(limit)
         buf = ffi.new("char[64]")
         port = ffi.new("int *")
-        if lib.pp_server_address(srv, buf, 64, port) == 0:
+        tcp = [lst.tcp for lst in self._listeners if lst.tcp is not None]
+        if tcp:
+            self._address = tcp[0]
+        elif lib.pp_server_address(srv, buf, 64, port) == 0:
             self._address = (ffi.string(buf).decode(), port[0])
         with self._lock:
             self._srv = srv
@@ -814,6 +868,14 @@ class Server:
         finally:
             self._finish()
 
+    def _close_listeners(self) -> None:
+        """The sockets made for bind= (Unix socket files removed) and the
+        notify socket; sock= is the caller's.  Idempotent."""
+        close_all(self._listeners)
+        s, self._notify = self._notify, None
+        if s is not None:
+            s.close()
+
     def _loop(self) -> None:
         rc = lib.pp_server_run(self._srv)
         if rc < 0:
@@ -832,6 +894,7 @@ class Server:
                     _ORPHANS.append(self._handle)
                 lib.pp_server_free(srv)
             self._state = "stopped"
+        self._close_listeners()
         runner, self._runner = self._runner, None
         if runner is not None:
             # The core is gone: its coroutines still running are cancelled
@@ -898,6 +961,7 @@ class Server:
                 self._finish()
                 raise
             self._thread = thread
+            notify(self._notify, b"READY=1")
         return self
 
     def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> Dict[str, int]:
@@ -925,6 +989,7 @@ class Server:
                 if rc < 0:
                     _C_SIGNALS.discard(self)
                     raise RuntimeError("another server already owns SIGINT/SIGTERM")
+            notify(self._notify, b"READY=1")
             if on_ready is not None:
                 on_ready()  # the backlog takes connections from listen() on
             self._loop()
@@ -1161,9 +1226,22 @@ class Server:
     # -- inspection ------------------------------------------------------
 
     @property
+    def addresses(self) -> List[str]:
+        """Every address listened on, in bind= spelling with real ports
+        (``127.0.0.1:9000``, ``[::1]:9000``, ``unix:/run/app.sock``)."""
+        if self._specs:
+            return list(self._specs)
+        host, port = self.address
+        return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+
+    @property
     def address(self) -> Tuple[str, int]:
-        """(host, port) the server listens on; the real port when 0 was asked."""
+        """(host, port) the server listens on; the real port when 0 was asked.
+        With bind=, the first TCP address, or ``("unix:PATH", 0)`` when it
+        listens on Unix sockets only (see :attr:`addresses`)."""
         if self._address is None:
+            if self._specs:
+                return self._specs[0], 0
             raise RuntimeError("the server is not listening yet")
         return self._address
 

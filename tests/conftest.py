@@ -215,17 +215,23 @@ class Client:
 
     def __init__(self, address, framer: Framer = LINE, timeout: float = CLIENT_TIMEOUT,
                  rcvbuf: int | None = None, sndbuf: int | None = None):
-        host, port = address[0], address[1]
         self.framer = framer
-        self.sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        if isinstance(address, str):   # a Unix socket's path
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: object = address
+        else:
+            host, port = address[0], address[1]
+            self.sock = socket.socket(_family(host), socket.SOCK_STREAM)
+            target = (host, port)
         try:
             if rcvbuf:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             if sndbuf:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             self.sock.settimeout(timeout)
-            self.sock.connect((host, port))
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.connect(target)
+            if self.sock.family != socket.AF_UNIX:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:
             self.sock.close()
             raise
