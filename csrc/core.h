@@ -121,10 +121,10 @@ typedef struct pp_dimpl {
 } pp_dimpl;
 
 /* The socket's own peer, kept when a PROXY header replaced it. */
-typedef struct pp_proxy_peer {
+typedef struct pp_balancer {
     struct sockaddr_storage addr;
     socklen_t len;
-} pp_proxy_peer;
+} pp_balancer;
 
 /* What a task carries besides messages. */
 enum { PP_EV_NONE = 0, PP_EV_OPEN = 1, PP_EV_CLOSE = 2 };
@@ -144,7 +144,7 @@ typedef struct pp_conn {
     uint64_t id;
     struct sockaddr_storage peer;
     socklen_t peer_len;
-    struct pp_proxy_peer *proxy_peer; /* the balancer, when a PROXY header
+    struct pp_balancer *proxy_peer; /* the balancer, when a PROXY header
                                    named the client (then in peer) */
     pp_buf in;                  /* read, not yet handed to a worker */
     size_t in_framed;           /* bytes at the start of in that are whole frames */

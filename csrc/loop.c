@@ -234,7 +234,7 @@ static void conn_proxy(pp_server *srv, pp_conn *c)
         return;
     }
     if (!info.local) {
-        pp_proxy_peer *bal = malloc(sizeof *bal);
+        pp_balancer *bal = malloc(sizeof *bal);
         if (bal == NULL) {
             pp__stat_add(&srv->stats.nomem_errors, 1);
             c->flags |= PP_C_BROKEN;

@@ -75,6 +75,11 @@ typedef struct pp_services {
     int (*close)(void *server, uint64_t conn_id);
     /* takes the reply of the current call over (pp_reply_defer) */
     pp_deferred *(*defer)(pp_reply *reply);
+    /* The connection's peer (pp_peer(), pp_proxy_peer(), pp_peer_cred());
+     * inside a handler or the open hook only. */
+    int (*peer)(const pp_reply *reply, char *host, size_t hostlen, int *port);
+    int (*proxy_peer)(const pp_reply *reply, char *host, size_t hostlen, int *port);
+    int (*peer_cred)(const pp_reply *reply, int *pid, int *uid, int *gid);
 } pp_services;
 
 /* The write side of the reply to one message.  Owned by pollpool and valid only
@@ -153,6 +158,29 @@ static inline int pp_unsubscribe(const pp_services *s, uint64_t conn_id,
 static inline int pp_close_conn(const pp_services *s, uint64_t conn_id)
 {
     return s->close(s->server, conn_id);
+}
+
+/* ---- who is at the other end (ABI 2) --------------------------------------
+ * Inside a handler or the open hook.  pp_peer(): the client's numeric
+ * address and port, the one a PROXY header named when the server takes
+ * them (Server(proxy_protocol=True)); 0, or -EAFNOSUPPORT for a Unix-socket
+ * client.  pp_proxy_peer(): the balancer that sent that header; -ENOENT
+ * when there was none, or it named no client (a health check).
+ * pp_peer_cred(): a Unix-socket client's pid, uid and gid (SO_PEERCRED);
+ * -EAFNOSUPPORT for a TCP client.  hostlen of 46 holds any address. */
+static inline int pp_peer(const pp_reply *reply, char *host, size_t hostlen, int *port)
+{
+    return reply->services->peer(reply, host, hostlen, port);
+}
+
+static inline int pp_proxy_peer(const pp_reply *reply, char *host, size_t hostlen, int *port)
+{
+    return reply->services->proxy_peer(reply, host, hostlen, port);
+}
+
+static inline int pp_peer_cred(const pp_reply *reply, int *pid, int *uid, int *gid)
+{
+    return reply->services->peer_cred(reply, pid, uid, gid);
 }
 
 /* ---- deferred replies (ABI 2) -------------------------------------------

@@ -587,5 +587,8 @@ void pp__push_services_init(pp_server *srv)
         .unsubscribe = svc_unsubscribe,
         .close = svc_close,
         .defer = pp__reply_defer,
+        .peer = pp_reply_peer,
+        .proxy_peer = pp_reply_proxy_peer,
+        .peer_cred = pp_reply_peer_cred,
     };
 }

@@ -252,3 +252,43 @@ def test_many_balanced_connections_at_once(make_server):
     assert not errors, errors[0]
     wait_for(lambda: len(h.peers) == 200)
     assert srv.stats()["proxy_errors"] == 0
+
+
+NATIVE = r"""
+#include <stdio.h>
+#include <string.h>
+#include "pollpool.h"
+POLLPOOL_EXPORT_ABI_VERSION;
+
+/* "who": the client, then the balancer (or "-"), as pollpool.h gives them. */
+POLLPOOL_EXPORT int who(void *ctx, const unsigned char *msg, size_t len, pp_reply *reply)
+{
+    (void)ctx; (void)msg; (void)len;
+    char host[64], bal[64] = "-", out[160];
+    int port = 0, bport = 0;
+    if (pp_peer(reply, host, sizeof host, &port) < 0)
+        strcpy(host, "?");
+    if (pp_proxy_peer(reply, bal, sizeof bal, &bport) < 0)
+        strcpy(bal, "-");
+    int n = snprintf(out, sizeof out, "%s %d %s", host, port, bal);
+    return pp_reply_write(reply, out, (size_t)n) < 0 ? -1 : PP_KEEP;
+}
+"""
+
+
+def test_native_handlers_see_the_client_and_the_balancer(make_server, tmp_path):
+    from test_native_handlers import build
+    lib = build(tmp_path, NATIVE, "who")
+    srv = make_server(pollpool.NativeHandler.from_library(str(lib), "who"), proxy_protocol=True)
+    c = Client(srv.address)
+    try:
+        c.send(v2("198.18.9.9", "198.18.0.1", 9999, 9000) + b"who\n")
+        assert c.recv_message() == b"198.18.9.9 9999 127.0.0.1"
+    finally:
+        c.close()
+    d = Client(srv.address)
+    try:
+        d.send(v2("", "", 0, 0, local=True) + b"who\n")
+        assert d.recv_message() == b"127.0.0.1 %d -" % d.sock.getsockname()[1]
+    finally:
+        d.close()
