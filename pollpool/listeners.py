@@ -19,6 +19,7 @@ one I/O thread; the ones made here are closed when the server stops.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 SD_LISTEN_FDS_START = 3
+
+log = logging.getLogger("pollpool")
 
 
 @dataclass
@@ -210,6 +213,7 @@ def systemd_listeners(backlog: int) -> List[Listener]:
             out.append(Listener(s, f"systemd:{name}"))
             _check_stream(s, f"systemd's fd {fd} ({name})", backlog)
             out[-1].spec = _spec_of(s, f"systemd:{name}")
+            log.info("systemd socket %s (fd %d): %s", name, fd, out[-1].spec)
     except BaseException:
         close_all(out)
         raise
