@@ -127,6 +127,9 @@ class ProcessGroup:
         self.n = server.processes
         self.port = 0
         self._reserved: List[socket.socket] = []
+        # bind= or sock=: listeners the parent opens once and every child
+        # serves (inherited through the fork); they outlive the children.
+        self._listeners: List[Any] = []
         self._children: Dict[int, _Child] = {}   # slot -> live child
         self._dead: Dict[str, int] = {}          # totals of children gone
         self._restarts = 0
@@ -146,10 +149,22 @@ class ProcessGroup:
     # -- parent ----------------------------------------------------------
 
     def listen(self) -> Tuple[str, int]:
+        srv = self.server
+        if srv.bind or srv.sock:
+            if not self._listeners:
+                from .listeners import open_listeners
+                self._listeners = open_listeners(srv.bind, srv.sock, srv.backlog, srv.reuse_port,
+                                                 srv.unix_mode)
+            tcp = [lst.tcp for lst in self._listeners if lst.tcp is not None]
+            return tcp[0] if tcp else (self._listeners[0].spec, 0)
         if not self._reserved:
             self._reserved, self.port = reserve(self.server.host, self.server.port)
         host = self._reserved[0].getsockname()[0]
         return host, self.port
+
+    @property
+    def addresses(self) -> List[str]:
+        return [lst.spec for lst in self._listeners]
 
     def start(self, background: bool) -> None:
         """Forks every child and returns once all listen; a child that cannot
@@ -319,6 +334,8 @@ class ProcessGroup:
         for s in self._reserved:
             s.close()
         self._reserved = []
+        from .listeners import close_all
+        close_all(self._listeners)   # Unix socket files go with the last child
         self._done.set()
 
     def _reap(self) -> None:
@@ -512,7 +529,8 @@ class ProcessGroup:
                 others = [c.sock for c in self._children.values()] + self._reserved
                 for s in others:
                     s.close()
-                code = _child_main(self.server, self.port, child_end, self._parent)
+                code = _child_main(self.server, self.port, child_end, self._parent,
+                                   [lst.sock for lst in self._listeners])
             finally:
                 for stream in (sys.stdout, sys.stderr):
                     try:
@@ -549,7 +567,8 @@ def _describe(code: int) -> str:
     return f"exited with status {code}"
 
 
-def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: int) -> int:
+def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: int,
+                listeners: List[socket.socket]) -> int:
     """A server process: serves until SIGTERM, reports, returns the exit code."""
     from .server import Server
     # Until the server's own handlers are in place (serve_forever), a stop
@@ -572,9 +591,12 @@ def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: in
     try:
         # A loop given to the parent is not this process's: a coroutine
         # handler runs on a loop of the child's own.
-        srv = Server(parent.handler, **{**parent._kwargs, "port": port, "processes": 1,
-                                        "reuse_port": True, "backend": parent.backend,
-                                        "loop": None})
+        # With bind= or sock=, the parent's listeners, inherited: the child
+        # serves duplicates and the parent keeps them open across restarts.
+        where: Dict[str, Any] = {"bind": None, "sock": listeners} if listeners else \
+            {"port": port, "reuse_port": True}
+        srv = Server(parent.handler, **{**parent._kwargs, **where, "processes": 1,
+                                        "backend": parent.backend, "loop": None})
         srv.listen()
     except OSError as e:
         send({"error": str(e), "errno": e.errno})

@@ -630,8 +630,6 @@ class Server:
         if unix_mode is not None:
             _check_int("unix_mode", unix_mode, 0, 0o7777)
         self.unix_mode = unix_mode
-        if processes > 1 and (self.bind or self.sock):
-            raise ValueError("bind= and sock= work with processes=1 for now")
         if len(self.bind) + len(self.sock) > lib.PP_MAX_LISTENERS:
             raise ValueError(f"at most {lib.PP_MAX_LISTENERS} listeners")
         self._listeners: List[Listener] = []
@@ -1231,6 +1229,8 @@ class Server:
         (``127.0.0.1:9000``, ``[::1]:9000``, ``unix:/run/app.sock``)."""
         if self._specs:
             return list(self._specs)
+        if self._group is not None and self._group.addresses:
+            return [str(a) for a in self._group.addresses]
         host, port = self.address
         return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 

@@ -146,8 +146,6 @@ def test_bind_options_are_checked():
     with pytest.raises(TypeError):
         pollpool.Server(pollpool.handlers.echo, sock="127.0.0.1:9000")
     with pytest.raises(ValueError):
-        pollpool.Server(pollpool.handlers.echo, bind=["127.0.0.1:0"], processes=2)
-    with pytest.raises(ValueError):
         pollpool.Server(pollpool.handlers.echo, bind=["127.0.0.1:0"], unix_mode=0o10000)
     with pytest.raises(ValueError, match="systemd"):
         pollpool.Server(pollpool.handlers.echo, bind=["systemd"]).listen()
@@ -204,3 +202,59 @@ def test_systemd_socket_activation_with_ready_and_stopping(tmp_path):
     finally:
         child.kill()
         notify.close()
+
+
+def test_processes_serve_the_parents_listeners(make_server, tmp_path):
+    path = str(tmp_path / "group.sock")
+    srv = make_server(Who(), bind=["127.0.0.1:0", f"unix:{path}"], processes=2)
+    assert srv.addresses[1] == f"unix:{path}"
+    for _ in range(40):
+        for target in (srv.address, path):
+            c = Client(target)
+            try:
+                c.send(b"x\n")
+                assert c.recv_message() == b"x"
+            finally:
+                c.close()
+    assert srv.stats()["processes"] == 2
+    stats = srv.stop()
+    assert stats["accepted"] == 80 and stats["messages"] == 80
+    assert not os.path.exists(path)   # removed with the parent's listeners
+
+
+class Pid:
+    def on_connect(self, conn):
+        return None
+
+    def on_message(self, conn, message):
+        return b"%d" % os.getpid()
+
+
+def test_a_killed_process_comes_back_on_the_same_unix_socket(make_server, tmp_path):
+    from conftest import wait_for
+    path = str(tmp_path / "restart.sock")
+    srv = make_server(Pid(), bind=[f"unix:{path}"], processes=2, threads=1)
+
+    def pids(n: int) -> set:
+        seen = set()
+        for _ in range(n):
+            c = Client(path)
+            try:
+                seen.add(int(c.exchange([b"pid"])[0]))
+            finally:
+                c.close()
+        return seen
+
+    first = pids(30)
+    assert first and all(p != os.getpid() for p in first)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: srv.stats()["restarts"] == 1 and srv.stats()["processes"] == 2, 15)
+    after = set()
+    deadline = time.monotonic() + 20
+    while len(after) < 2 and time.monotonic() < deadline:
+        after |= pids(10)
+    assert victim not in after and len(after) == 2, (after, victim)
+    assert os.path.exists(path)        # the socket lived through the restart
+    srv.stop()
+    assert not os.path.exists(path)
