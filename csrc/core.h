@@ -345,6 +345,9 @@ pp_conn *pp__push_take_ready(pp_server *srv);
  * lost), cleared when requests is nonzero.  The owner of c's output. */
 unsigned pp__push_take(pp_server *srv, pp_conn *c, int requests);
 
+/* loop.c: frees what a connection owns, and it (its fd is the caller's). */
+void pp__conn_free(struct pp_conn *c);
+
 /* defer.c */
 /* Creates the hub; -ENOMEM.  After the framing is set up. */
 int pp__hub_new(pp_server *srv);

@@ -127,7 +127,7 @@ int pp__listen_fds(pp_server *srv, const int *fds, size_t n)
         socklen_t tl = sizeof type, al = sizeof acc;
         if (getsockopt(fds[i], SOL_SOCKET, SO_TYPE, &type, &tl) < 0 ||
             getsockopt(fds[i], SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) < 0) {
-            int e = errno == EBADF ? EBADF : ENOTSOCK;
+            int e = errno; /* EBADF, or ENOTSOCK for a pipe or a file */
             pp__listen_close(srv);
             return -e;
         }

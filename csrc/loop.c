@@ -475,7 +475,7 @@ static void conn_update(pp_server *srv, pp_conn *c)
     conn_timers(srv, c);
 }
 
-static void conn_free(pp_conn *c)
+void pp__conn_free(pp_conn *c)
 {
     free(c->proxy_peer);
     pp__segq_free(&c->outq);
@@ -527,7 +527,7 @@ static void conn_close(pp_server *srv, pp_conn *c)
     pp__list_unlink(&c->all);
     pp__list_unlink(&c->timer);
     close(c->fd);
-    conn_free(c);
+    pp__conn_free(c);
     srv->nconns--;
     atomic_fetch_sub(&srv->active, 1);
     pp__stat_add(&srv->stats.closed, 1);

@@ -459,7 +459,7 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
     s->deferred_cancelled = PP_LD(io->deferred_cancelled);
     s->handler_errors = PP_LD(io->handler_errors);
     s->replies = PP_LD(io->replies);
-    uint64_t retired = PP_LD(io->deferred_retired), queued = 0;
+    uint64_t retired = PP_LD(io->deferred_retired);
     for (int i = 0; i < srv->pool.nthreads; i++) {
         const pp_wstats *w = &srv->pool.workers[i].stats;
         s->messages += PP_LD(w->messages);
@@ -470,11 +470,10 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
         s->nomem_errors += PP_LD(w->nomem_errors);
         s->output_overflows += PP_LD(w->output_overflows);
         s->deferred_total += PP_LD(w->deferred_total);
-        queued += PP_LD(w->deferred_total);
     }
     /* Read apart, the two may cross: a handle is counted as queued at the
      * end of its task, and retired after. */
-    s->deferred = queued > retired ? queued - retired : 0;
+    s->deferred = s->deferred_total > retired ? s->deferred_total - retired : 0;
 #undef PP_LD
 }
 
@@ -490,12 +489,7 @@ void pp__server_destroy(pp_server *srv)
             (void)pp__deferred_drop(srv, c, ids);
         }
         pp__push_unregister(srv, c);
-        pp__segq_free(&c->outq);
-        pp__buf_free(&c->in);
-        pp__buf_free(&c->task);
-        pp__buf_free(&c->out);
-        free(c->proxy_peer);
-        free(c);
+        pp__conn_free(c);
     }
     free(srv->by_id);
     free(srv->topics); /* empty: a topic lives as long as a member */

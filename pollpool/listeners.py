@@ -188,7 +188,14 @@ def _unix(path: str, backlog: int, mode: Optional[int]) -> Listener:
     return Listener(s, f"unix:{path}", path=path)
 
 
-def systemd_listeners(backlog: int) -> List[Listener]:
+def _check_count(listeners: List[Listener], limit: int) -> None:
+    if len(listeners) > limit:
+        n = len(listeners)
+        close_all(listeners)
+        raise ValueError(f"{n} listening sockets; a server serves at most {limit}")
+
+
+def systemd_listeners(backlog: int, limit: int) -> List[Listener]:
     """The sockets systemd passed this process (sd_listen_fds(3)), or [];
     the variables are cleared either way once they name this process."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -217,11 +224,12 @@ def systemd_listeners(backlog: int) -> List[Listener]:
     except BaseException:
         close_all(out)
         raise
+    _check_count(out, limit)
     return out
 
 
 def open_listeners(binds: Sequence[str], socks: Sequence[Any], backlog: int,
-                   reuse_port: bool, unix_mode: Optional[int]) -> List[Listener]:
+                   reuse_port: bool, unix_mode: Optional[int], limit: int) -> List[Listener]:
     """Every listener asked for, or none (whatever was opened is closed)."""
     out: List[Listener] = []
     try:
@@ -241,7 +249,7 @@ def open_listeners(binds: Sequence[str], socks: Sequence[Any], backlog: int,
                 _check_stream(s, f"bind {spec!r}", backlog)
                 out[-1].spec = _spec_of(s, spec)
             else:
-                got = systemd_listeners(backlog)
+                got = systemd_listeners(backlog, limit)
                 if not got:
                     raise ValueError("bind 'systemd': no sockets from systemd (LISTEN_PID does "
                                      "not name this process, or LISTEN_FDS is 0)")
@@ -254,6 +262,7 @@ def open_listeners(binds: Sequence[str], socks: Sequence[Any], backlog: int,
     except BaseException:
         close_all(out)
         raise
+    _check_count(out, limit)
     return out
 
 

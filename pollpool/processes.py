@@ -130,6 +130,7 @@ class ProcessGroup:
         # bind= or sock=: listeners the parent opens once and every child
         # serves (inherited through the fork); they outlive the children.
         self._listeners: List[Any] = []
+        self.notify: Optional[socket.socket] = None   # systemd's, the parent's alone
         self._children: Dict[int, _Child] = {}   # slot -> live child
         self._dead: Dict[str, int] = {}          # totals of children gone
         self._restarts = 0
@@ -154,7 +155,7 @@ class ProcessGroup:
             if not self._listeners:
                 from .listeners import open_listeners
                 self._listeners = open_listeners(srv.bind, srv.sock, srv.backlog, srv.reuse_port,
-                                                 srv.unix_mode)
+                                                 srv.unix_mode, lib.PP_MAX_LISTENERS)
             tcp = [lst.tcp for lst in self._listeners if lst.tcp is not None]
             return tcp[0] if tcp else (self._listeners[0].spec, 0)
         if not self._reserved:
@@ -236,6 +237,9 @@ class ProcessGroup:
             want = 2 if force else 1
             if want <= self._stop_level:
                 return
+            if self._stop_level == 0:
+                from .listeners import notify
+                notify(self.notify, b"STOPPING=1")
             self._stop_level = want
             self._due.clear()
             for child in self._children.values():

@@ -630,8 +630,6 @@ class Server:
         if unix_mode is not None:
             _check_int("unix_mode", unix_mode, 0, 0o7777)
         self.unix_mode = unix_mode
-        if len(self.bind) + len(self.sock) > lib.PP_MAX_LISTENERS:
-            raise ValueError(f"at most {lib.PP_MAX_LISTENERS} listeners")
         self._listeners: List[Listener] = []
         self._specs: List[str] = []
         self._notify: Optional[socket.socket] = None
@@ -692,11 +690,15 @@ class Server:
         if self.processes > 1:
             from .processes import ProcessGroup
             group = ProcessGroup(self)
+            # systemd hears from the parent alone (NotifyAccess=main): taken
+            # before any fork, so no child sees NOTIFY_SOCKET.
+            self._notify = group.notify = notify_socket()
             try:
                 self._address = group.listen()
             except BaseException:
                 with self._lock:
                     self._state = "new"
+                self._close_listeners()
                 raise
             with self._lock:
                 self._group = group
@@ -749,9 +751,9 @@ class Server:
         cfg.proxy_trust_unix = 1   # a Unix socket's permissions say who may connect
         if self.bind or self.sock:
             self._listeners = open_listeners(self.bind, self.sock, self.backlog,
-                                             self.reuse_port, self.unix_mode)
+                                             self.reuse_port, self.unix_mode, lib.PP_MAX_LISTENERS)
         else:
-            self._listeners = systemd_listeners(self.backlog)
+            self._listeners = systemd_listeners(self.backlog, lib.PP_MAX_LISTENERS)
         self._specs = [lst.spec for lst in self._listeners]
         fds = ffi.new("int[]", [lst.sock.fileno() for lst in self._listeners] or [0])
         cfg.listen_fds = fds
@@ -929,6 +931,7 @@ class Server:
         except BaseException:
             self._group_end()
             raise
+        notify(self._notify, b"READY=1")
 
     def _group_end(self) -> None:
         """Stops the children, whatever was started of them, and waits for
@@ -939,6 +942,7 @@ class Server:
             self._last_stats = self._group.stats()
             self._forced = self._group.forced
             self._state = "stopped"
+        self._close_listeners()
         _RUNNING.discard(self)
         self._set_done()
 

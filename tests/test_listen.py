@@ -258,3 +258,33 @@ def test_a_killed_process_comes_back_on_the_same_unix_socket(make_server, tmp_pa
     assert os.path.exists(path)        # the socket lived through the restart
     srv.stop()
     assert not os.path.exists(path)
+
+
+def test_more_listeners_than_a_server_serves_are_refused(tmp_path):
+    binds = [f"unix:{tmp_path / str(i)}" for i in range(9)]
+    with pytest.raises(ValueError, match="at most 8"):
+        pollpool.Server(pollpool.handlers.echo, bind=binds).listen()
+    assert list(tmp_path.iterdir()) == []       # what was opened is closed and removed
+
+
+def test_processes_notify_systemd_from_the_parent_only(make_server, tmp_path, monkeypatch):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    try:
+        srv = make_server(processes=2)
+        assert notify.recv(100) == b"READY=1"
+        assert "NOTIFY_SOCKET" not in os.environ    # children cannot see it
+        c = Client(srv.address)
+        try:
+            assert c.exchange([b"x"]) == [b"x"]
+        finally:
+            c.close()
+        srv.stop()
+        assert notify.recv(100) == b"STOPPING=1"
+        notify.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            notify.recv(100)                        # nothing from the children
+    finally:
+        notify.close()
