@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 
-from . import handlers
+from . import handlers, types
 from .connection import Connection, PeerCred
 from .framing import LengthPrefixed, Lines, Raw, parse_framing
 from .handlers import NativeHandler
 from .server import Server
+from .types import ConnectionHandler, Handler, MessageHandler, OnConnect, OnDisconnect, OnMessage, Reply
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ def get_include() -> str:
 
 
 __all__ = [
-    "Connection", "LengthPrefixed", "Lines", "NativeHandler", "PeerCred", "Raw", "Server",
-    "get_include", "handlers", "parse_framing", "__version__",
+    "Connection", "ConnectionHandler", "Handler", "LengthPrefixed", "Lines", "MessageHandler",
+    "NativeHandler", "OnConnect", "OnDisconnect", "OnMessage", "PeerCred", "Raw", "Reply", "Server",
+    "get_include", "handlers", "parse_framing", "types", "__version__",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Tuple, Union
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .server import BytesLike, Server
+    from .server import Server
+    from .types import BytesLike
 
 
 class PeerCred(NamedTuple):

@@ -22,6 +22,7 @@ from .connection import Connection, PeerCred
 from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
 from .handlers import NativeHandler
 from .listeners import Listener, close_all, notify, notify_socket, open_listeners, parse_bind, systemd_listeners
+from .types import BytesLike, Handler
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 # cffi has no type hints: its decorator, typed, so that the callbacks keep theirs.
@@ -29,8 +30,6 @@ _def_extern: Callable[..., Callable[[_F], _F]] = ffi.def_extern
 
 log = logging.getLogger("pollpool")
 
-BytesLike = Union[bytes, bytearray, memoryview]
-Handler = Callable[[bytes], Optional[BytesLike]]
 
 STAT_FIELDS = (
     "accepted", "active", "closed", "messages", "replies", "bytes_in", "bytes_out",
@@ -518,7 +517,7 @@ class Server:
 
     def __init__(
         self,
-        handler: Union[Handler, NativeHandler],
+        handler: Handler,
         host: str = "127.0.0.1",
         port: int = 9000,
         *,
