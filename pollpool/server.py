@@ -501,18 +501,63 @@ class Server:
     """A TCP server whose I/O loop and worker pool run in C.
 
     ``handler`` is a Python callable ``message -> bytes | None`` (run on a
-    worker thread, with the GIL) or a :class:`pollpool.NativeHandler` such as
-    :data:`pollpool.handlers.echo` (run without the GIL).
+    worker thread, with the GIL), an ``async def`` coroutine function or a
+    callable returning a future (run on an event loop), a connection-aware
+    object with ``on_connect``/``on_message``/``on_disconnect`` methods, or a
+    :class:`pollpool.NativeHandler` such as :data:`pollpool.handlers.echo`
+    (run without the GIL); :data:`pollpool.types.Handler` spells it out.
 
     Run it with :meth:`serve_forever` (blocks; Ctrl+C drains gracefully) or
-    :meth:`start`/:meth:`stop`, or as a context manager.  A server runs once.
+    :meth:`start`/:meth:`stop`, or as a context manager (``with``, or
+    ``async with`` and :meth:`serve` inside an asyncio program).  A server
+    runs once.  Bad options raise ``ValueError`` or ``TypeError`` here, at
+    construction; a bind failure raises ``OSError`` with the real errno.
 
-    ``backend`` is ``"poll"`` (the default, or ``$POLLPOOL_BACKEND``) or
-    ``"epoll"`` (Linux), whose cost per round follows the ready connections
-    instead of the open ones.  ``processes=N`` forks N server processes that
-    share the port through SO_REUSEPORT, each with its own I/O thread and
-    pool; this object then supervises them (see :mod:`pollpool.processes`).
-    ``reuse_port=True`` lets independent servers share a port the same way.
+    :param host: the address to listen on; ``""`` is every IPv4 and IPv6 one.
+    :param port: the TCP port; 0 picks a free one (see :attr:`address`).
+    :param threads: worker threads of the pool (1 to 1,024).
+    :param framing: ``"line"``, ``"line:\\r\\n"``, ``"length"``,
+        ``"length:2"``, ``"raw"`` or a framing object (:class:`Lines`,
+        :class:`LengthPrefixed`, :class:`Raw`).
+    :param backlog: the listen queue's length.
+    :param max_connections: past it, accepting pauses (or, with
+        ``reject_message``, newcomers are told and closed); 0 is no limit.
+    :param max_message_size: the largest frame; a larger one closes its
+        connection.  Default: the framing's ``max_size`` (1 MiB).
+    :param output_high_water: pending reply bytes above which a connection is
+        no longer read until they drain.
+    :param queue_size: tasks the worker queue holds; when full, reading waits.
+    :param drain_timeout: seconds a graceful stop may take before it cuts.
+    :param shutdown_message: sent, framed like a reply, to every client when
+        a stop begins.
+    :param idle_timeout: seconds of silence that close a connection; 0 is off.
+    :param send_timeout: seconds pending replies may go unread by the peer
+        before its connection is closed.
+    :param output_limit: pending reply bytes that close a connection.
+    :param reject_message: sent to connections refused by ``max_connections``.
+    :param backend: ``"poll"`` (the default, or ``$POLLPOOL_BACKEND``) or
+        ``"epoll"`` (Linux), whose cost per round follows the ready
+        connections instead of the open ones.
+    :param processes: N > 1 forks N server processes that share the
+        listeners, each with its own I/O thread and pool; this object then
+        supervises them (see :mod:`pollpool.processes`).
+    :param reuse_port: SO_REUSEPORT, so that independent servers share a port.
+    :param push_limit: bytes of pushes queued for one connection before
+        ``on_push_overflow`` applies.
+    :param on_push_overflow: ``"close"`` the connection or ``"drop"`` the push.
+    :param reply_timeout: seconds a deferred or async reply may take before
+        its connection is closed; 0 is off.
+    :param max_deferred: replies a native handler may have pending on one
+        connection at once (1 to 1,024); Python handlers keep 1.
+    :param proxy_protocol: every connection from ``trusted_proxies`` must
+        begin with a PROXY v1 or v2 header.
+    :param trusted_proxies: networks (CIDR, or ``"*"``) allowed to send it.
+    :param proxy_timeout: seconds the header may take to arrive.
+    :param bind: addresses to listen on instead of host/port:
+        ``HOST:PORT``, ``[IPv6]:PORT``, ``unix:PATH``, ``fd://N``, ``systemd``.
+    :param sock: listening Python sockets to serve (they stay yours).
+    :param unix_mode: the permissions of Unix socket files, e.g. ``0o660``.
+    :param loop: the event loop ``async def`` handlers run on.
     """
 
     def __init__(

@@ -24,12 +24,13 @@ from .connection import Connection
 from .handlers import NativeHandler
 
 BytesLike = Union[bytes, bytearray, memoryview]
-#: What a handler answers a message with; ``None`` sends nothing.
+"""The bytes-like types a reply or a push may be."""
 Reply = Optional[BytesLike]
-#: What a handler may return: a reply now, or one that comes later.
+"""What a handler answers a message with; ``None`` sends nothing."""
 LaterReply = Union[Reply, Awaitable[Reply], concurrent.futures.Future[Reply]]
-#: ``message -> reply``: plain, ``async def``, or returning a future.
+"""What a handler may return: a reply now, or one that comes later."""
 MessageHandler = Callable[[bytes], LaterReply]
+"""``message -> reply``: plain, ``async def``, or returning a future."""
 
 
 class OnConnect(Protocol):
@@ -50,10 +51,10 @@ class OnDisconnect(Protocol):
     def on_disconnect(self, conn: Connection) -> Optional[Awaitable[None]]: ...
 
 
-#: A connection-aware handler: an object with any of the three methods.
 ConnectionHandler = Union[OnConnect, OnMessage, OnDisconnect]
-#: Everything ``Server(handler)`` accepts.
+"""A connection-aware handler: an object with any of the three methods."""
 Handler = Union[MessageHandler, ConnectionHandler, NativeHandler]
+"""Everything ``Server(handler)`` accepts."""
 
 __all__ = [
     "BytesLike", "ConnectionHandler", "Handler", "LaterReply", "MessageHandler",
