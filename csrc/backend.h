@@ -21,7 +21,7 @@
 
 typedef struct pp_server pp_server;
 
-enum { PP_W_WAKE = 0, PP_W_LISTEN = 1, PP_W_CONN = 2 };
+enum { PP_W_WAKE = 0, PP_W_LISTEN = 1, PP_W_CONN = 2, PP_W_HEALTH = 3 };
 
 typedef struct pp_watch {
     int fd;

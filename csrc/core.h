@@ -49,6 +49,9 @@ enum {
     PP_C_SETTLE = 1 << 12,     /* on take_deferred()'s list of connections */
     PP_C_PROXY_WAIT = 1 << 13, /* its PROXY header is still to come: nothing
                                   is framed, no event sent, until it is */
+    PP_C_SPOKE = 1 << 14,      /* it has sent a whole message */
+    PP_C_GRACE = 1 << 15,      /* draining: nothing new, but it has not
+                                  spoken yet and drain_grace is running */
 };
 
 /* Push state of a connection, guarded by srv->push_mu. */
@@ -210,6 +213,7 @@ typedef struct pp_iostats {
     _Atomic uint64_t send_timeouts, output_overflows;
     _Atomic uint64_t reply_timeouts, deferred_cancelled, handler_errors;
     _Atomic uint64_t proxy_errors;
+    _Atomic uint64_t health_checks;
     _Atomic uint64_t deferred_retired; /* handles applied or dropped: with the
                                    workers' deferred_total, what is pending */
     _Atomic uint64_t replies;
@@ -276,6 +280,12 @@ struct pp_server {
     int64_t accept_retry_at;    /* ms; when to try again after EMFILE, 0 = none */
     int draining;
     int64_t drain_deadline;     /* ms */
+    int leaving;                /* a stop began; the drain begins at leave_until */
+    int64_t leave_until;        /* ms */
+    int64_t grace_until;        /* ms; drain_grace's end, 0 = over */
+    int health_fd;              /* -1 = none */
+    int64_t health_retry_at;    /* ms; after EMFILE on the health socket */
+    pp_watch health_w;
     int forcing;
     int64_t force_deadline;     /* ms: how long to wait for tasks in flight */
     int64_t linger_check_at;    /* ms: next scan for expired lingering closes */
@@ -390,6 +400,7 @@ int pp__conn_flush(pp_conn *c, uint64_t *sent);
 int pp__listen(pp_server *srv);
 /* Serves duplicates of n listening stream sockets instead. */
 int pp__listen_fds(pp_server *srv, const int *fds, size_t n);
+int pp__health_open(pp_server *srv, int fd);
 void pp__listen_close(pp_server *srv);
 
 /* server.c */

@@ -119,36 +119,49 @@ fail:
     return rc;
 }
 
+/* A duplicate of the caller's listening stream socket, non-blocking (a
+ * flag the caller's descriptor shares), or -errno. */
+static int take_listener(int given)
+{
+    int type = 0, acc = 0;
+    socklen_t tl = sizeof type, al = sizeof acc;
+    if (getsockopt(given, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 ||
+        getsockopt(given, SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) < 0)
+        return -errno; /* EBADF, or ENOTSOCK for a pipe or a file */
+    if (type != SOCK_STREAM || !acc)
+        return -EINVAL; /* a datagram socket, or one not listening */
+    int fd = fcntl(given, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0)
+        return -errno;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
 int pp__listen_fds(pp_server *srv, const int *fds, size_t n)
 {
     srv->nlisten = 0;
     for (size_t i = 0; i < n; i++) {
-        int type = 0, acc = 0;
-        socklen_t tl = sizeof type, al = sizeof acc;
-        if (getsockopt(fds[i], SOL_SOCKET, SO_TYPE, &type, &tl) < 0 ||
-            getsockopt(fds[i], SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) < 0) {
-            int e = errno; /* EBADF, or ENOTSOCK for a pipe or a file */
-            pp__listen_close(srv);
-            return -e;
-        }
-        if (type != SOCK_STREAM || !acc) {
-            pp__listen_close(srv);
-            return -EINVAL; /* a datagram socket, or one not listening */
-        }
-        int fd = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
+        int fd = take_listener(fds[i]);
         if (fd < 0) {
-            int e = errno;
             pp__listen_close(srv);
-            return -e;
+            return fd;
         }
         srv->listen_fd[srv->nlisten++] = fd;
-        int fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-            int e = errno;
-            pp__listen_close(srv);
-            return -e;
-        }
     }
+    return 0;
+}
+
+int pp__health_open(pp_server *srv, int given)
+{
+    int fd = take_listener(given);
+    if (fd < 0)
+        return fd;
+    srv->health_fd = fd;
     return 0;
 }
 
@@ -159,4 +172,7 @@ void pp__listen_close(pp_server *srv)
             close(srv->listen_fd[i]);
         srv->listen_fd[i] = -1;
     }
+    if (srv->health_fd >= 0)
+        close(srv->health_fd);
+    srv->health_fd = -1;
 }

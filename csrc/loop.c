@@ -265,12 +265,64 @@ static void listeners_want(pp_server *srv, short want)
         srv->bk->set(srv, &srv->listen_w[i], want);
 }
 
+/* The service's listeners and the health socket, as the drain begins. */
 static void listeners_close(pp_server *srv)
 {
     for (int i = 0; i < srv->nlisten; i++)
         if (srv->listen_fd[i] >= 0)
             srv->bk->del(srv, &srv->listen_w[i]);
+    if (srv->health_fd >= 0)
+        srv->bk->del(srv, &srv->health_w);
+    srv->health_retry_at = 0;
     pp__listen_close(srv);
+}
+
+/* Health checks: each connection hears one line and is closed, never read.
+ * "up ready" while serving (HAProxy's agent-check: up, and out of any drain
+ * state an earlier instance left), "drain" once a stop began (its weight
+ * goes to 0: no new connections, the open ones stay).  Not held back by
+ * max_connections: a full server is still a live one. */
+static void health_accept(pp_server *srv, pp_watch *w)
+{
+    for (int taken = 0; taken < PP_ACCEPTS_PER_ROUND; taken++) {
+        int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            switch (errno) {
+            case EINTR:
+            case ECONNABORTED:
+            case EPROTO:
+                continue;
+            case EAGAIN:
+#if EAGAIN != EWOULDBLOCK
+            case EWOULDBLOCK:
+#endif
+                pp__watch_drained(w, POLLIN);
+                return;
+            case EMFILE:
+            case ENFILE:
+            case ENOBUFS:
+            case ENOMEM:
+                /* As do_accept: polling a listener whose backlog we cannot
+                 * take would spin.  Retried in a while. */
+                pp__stat_add(&srv->stats.accept_errors, 1);
+                w->want = 0;
+                srv->health_retry_at = pp__now_ms() + PP_ACCEPT_RETRY_MS;
+                return;
+            default:
+                pp__stat_add(&srv->stats.accept_errors, 1);
+                return;
+            }
+        }
+        static const char up[] = "up ready\n", drain[] = "drain\n";
+        const char *msg = srv->leaving ? drain : up;
+        size_t len = srv->leaving ? sizeof drain - 1 : sizeof up - 1;
+        /* Best effort: a fresh socket's buffer takes a line whole, and a
+         * checker that is gone has nothing to hear. */
+        ssize_t n = send(fd, msg, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        (void)n;
+        pp__stat_add(&srv->stats.health_checks, 1);
+        close(fd);
+    }
 }
 
 static void accept_pause(pp_server *srv, int64_t retry_at)
@@ -580,6 +632,14 @@ static void conn_linger(pp_server *srv, pp_conn *c)
     conn_update(srv, c);
 }
 
+/* c has sent a whole message: what it sends from now on is read until
+ * quiet, as for every connection (a drain_grace wait noted by the read
+ * that just ended, before this frame was found, is over). */
+static inline void conn_spoke(pp_conn *c)
+{
+    c->flags = (c->flags | PP_C_SPOKE) & ~(unsigned)PP_C_GRACE;
+}
+
 /* Finds the whole frames after those already found. */
 static void conn_scan(pp_server *srv, pp_conn *c)
 {
@@ -591,6 +651,8 @@ static void conn_scan(pp_server *srv, pp_conn *c)
                                         len - c->in_framed, &c->in_scanned);
     if (whole >= 0) {
         c->in_framed += (size_t)whole;
+        if (whole > 0)
+            conn_spoke(c);
         return;
     }
     while (c->in_framed < len) {
@@ -599,6 +661,7 @@ static void conn_scan(pp_server *srv, pp_conn *c)
                                 len - c->in_framed, &c->in_scanned, &fr);
         if (rc == 1) {
             c->in_framed += fr.frame_len;
+            conn_spoke(c);
             continue;
         }
         if (rc < 0) {
@@ -662,7 +725,7 @@ static void conn_read(pp_server *srv, pp_conn *c)
             if (!direct && (size_t)n >= PP_DIRECT_ROOM / 4)
                 (void)pp__buf_reserve(&c->in, PP_DIRECT_ROOM);
             c->last_active = srv->now;
-            c->flags &= ~PP_C_QUIET;
+            c->flags &= ~(PP_C_QUIET | PP_C_GRACE);
             pp__stat_add(&srv->stats.bytes_in, (uint64_t)n);
             /* A short read means the socket was empty when recv() looked
              * (TCP copies all it has, up to room): what comes later makes
@@ -686,7 +749,10 @@ static void conn_read(pp_server *srv, pp_conn *c)
              * EAGAIN from before the stop says nothing about what came
              * since. */
             if (srv->draining)
-                c->flags |= PP_C_QUIET;
+                /* One that has not spoken yet waits for its first message
+                 * while drain_grace runs (a connection per request). */
+                c->flags |= srv->grace_until && !(c->flags & PP_C_SPOKE) ? PP_C_GRACE
+                                                                        : PP_C_QUIET;
             break;
         }
         pp__stat_add(&srv->stats.read_errors, 1);
@@ -857,7 +923,7 @@ static void conn_progress(pp_server *srv, pp_conn *c)
     if (srv->draining && !(c->flags & PP_C_CLOSE)) {
         /* Answer everything the peer sent before the stop: read until the
          * socket is empty once, then say goodbye. */
-        if (!(c->flags & (PP_C_QUIET | PP_C_EOF | PP_C_BAD_FRAME)) &&
+        if (!(c->flags & (PP_C_QUIET | PP_C_EOF | PP_C_BAD_FRAME | PP_C_GRACE)) &&
             conn_can_read(srv, c)) {
             conn_read(srv, c);
             /* The read left c quiet, at EOF, broken or unable to read more,
@@ -1194,14 +1260,13 @@ static int64_t list_deadline(const pp_link *list, int64_t limit)
 static void begin_drain(pp_server *srv)
 {
     srv->draining = 1;
-    if (srv->cfg.notify_fd > 0) {
-        /* systemd (Type=notify): the service is going.  A datagram: all of
-         * it or nothing, and a full or gone manager is no reason to wait. */
-        static const char msg[] = "STOPPING=1";
-        (void)send(srv->cfg.notify_fd, msg, sizeof msg - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-    }
     srv->accept_retry_at = 0; /* accepting is over: no retry to wake for */
-    srv->drain_deadline = pp__now_ms() + (int64_t)(srv->cfg.drain_timeout * 1000.0);
+    int64_t now = pp__now_ms();
+    srv->drain_deadline = now + (int64_t)(srv->cfg.drain_timeout * 1000.0);
+    /* Connections that have not spoken yet get the grace for their first
+     * message (conn_read); set before the first reads below. */
+    srv->grace_until = srv->cfg.drain_grace > 0.0
+                           ? now + (int64_t)(srv->cfg.drain_grace * 1000.0) : 0;
     /* No new connections from here on, and no new pushes; those queued
      * before go out with the rest. */
     listeners_close(srv);
@@ -1212,6 +1277,40 @@ static void begin_drain(pp_server *srv)
     while (l != NULL && l != &srv->conns) {
         pp_link *next = l->next; /* progress may free c, and only c */
         conn_progress(srv, PP_CONN_OF(l, all));
+        l = next;
+    }
+}
+
+/* A stop begins: health checks hear "drain" and systemd STOPPING=1 at
+ * once; the drain itself (listeners closed) drain_delay later, while
+ * everything is served as before, so a balancer stops sending first. */
+static void begin_leave(pp_server *srv)
+{
+    srv->leaving = 1;
+    if (srv->cfg.notify_fd > 0) {
+        /* systemd (Type=notify): the service is going.  A datagram: all of
+         * it or nothing, and a full or gone manager is no reason to wait. */
+        static const char msg[] = "STOPPING=1";
+        (void)send(srv->cfg.notify_fd, msg, sizeof msg - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    int64_t delay = (int64_t)(srv->cfg.drain_delay * 1000.0);
+    srv->leave_until = pp__now_ms() + delay;
+    if (delay <= 0 && !srv->draining)
+        begin_drain(srv);
+}
+
+/* drain_grace is over: connections that never spoke get their goodbye. */
+static void end_grace(pp_server *srv)
+{
+    srv->grace_until = 0;
+    pp_link *l = pp__list_first(&srv->conns);
+    while (l != NULL && l != &srv->conns) {
+        pp_link *next = l->next; /* progress may free c, and only c */
+        pp_conn *c = PP_CONN_OF(l, all);
+        if (c->flags & PP_C_GRACE) {
+            c->flags = (c->flags & ~PP_C_GRACE) | PP_C_QUIET;
+            conn_progress(srv, c);
+        }
         l = next;
     }
 }
@@ -1271,6 +1370,11 @@ static int wait_timeout(pp_server *srv, int64_t now)
         PP_SOONER(srv->force_deadline);
     else if (srv->draining)
         PP_SOONER(srv->drain_deadline);
+    else if (srv->leaving)
+        PP_SOONER(srv->leave_until);
+    if (srv->draining && !srv->forcing)
+        PP_SOONER(srv->grace_until);
+    PP_SOONER(srv->health_retry_at);
     PP_SOONER(srv->accept_retry_at);
     PP_SOONER(srv->linger_check_at);
     if (srv->stall_ms > 0)
@@ -1314,11 +1418,20 @@ int pp__loop_run(pp_server *srv)
     int rc = 0;
     for (;;) {
         int level = atomic_load(&srv->stop_level);
-        if (level >= 1 && !srv->draining)
-            begin_drain(srv);
+        if (level >= 1 && !srv->leaving)
+            begin_leave(srv);
         if (level >= 2 && !srv->forcing)
             begin_force(srv);
         int64_t now = srv->now = pp__now_ms();
+        if (srv->leaving && !srv->draining && now >= srv->leave_until)
+            begin_drain(srv);
+        if (srv->grace_until && now >= srv->grace_until && !srv->forcing)
+            end_grace(srv);
+        if (srv->health_retry_at && now >= srv->health_retry_at && srv->health_fd >= 0) {
+            srv->health_retry_at = 0;
+            srv->health_w.want = POLLIN;
+            srv->bk->set(srv, &srv->health_w, POLLIN);
+        }
         if (srv->forcing && now >= srv->force_deadline)
             break;
         if (srv->draining && !srv->forcing && now >= srv->drain_deadline) {
@@ -1396,6 +1509,11 @@ int pp__loop_run(pp_server *srv)
                 if (!srv->bk->edge)
                     drain_wake_fd(srv);
                 pp__watch_drained(w, POLLIN);
+                break;
+            case PP_W_HEALTH:
+                if (re & POLLIN)
+                    health_accept(srv, w);
+                srv->bk->set(srv, w, w->want);
                 break;
             default:
                 if (re & POLLIN)

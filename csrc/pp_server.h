@@ -124,6 +124,22 @@ typedef struct pp_config {
     /* > 0: a datagram socket connected to systemd's NOTIFY_SOCKET; the I/O
      * thread sends STOPPING=1 on it as the drain begins.  Not closed. */
     int notify_fd;
+    /* Leaving (a restart behind a balancer).  A stop first tells the world
+     * and keeps serving: for drain_delay seconds (0 = none) the listeners
+     * go on accepting and every connection is served as before, while
+     * health checks hear "drain" and systemd STOPPING=1, so a balancer
+     * stops sending first.  Then the drain begins: the listeners close, and
+     * a connection that has not sent a whole message yet gets drain_grace
+     * seconds (within drain_timeout) for its first one, which is answered
+     * before the goodbye. */
+    double drain_delay;
+    double drain_grace;
+    /* > 0: a listening socket for health checks (duplicated, as listen_fds
+     * are).  Each connection to it gets "up ready\n" while serving,
+     * "drain\n" once a stop begins (HAProxy's agent-check), and is closed;
+     * the socket closes as the drain begins, so a plain TCP check fails
+     * from then on. */
+    int health_fd;
 } pp_config;
 
 /* What a push past push_limit does: close that connection (the default, as
@@ -162,6 +178,7 @@ typedef struct pp_stats {
     uint64_t deferred_cancelled; /* deferred replies cut by the drain's end */
     uint64_t proxy_errors;      /* connections refused for their PROXY header
                                    (untrusted source, malformed, timeout) */
+    uint64_t health_checks;     /* connections to the health socket answered */
 } pp_stats;
 
 typedef struct pp_server pp_server;

@@ -75,6 +75,9 @@ static int validate(const pp_config *cfg)
     for (size_t i = 0; i < cfg->nlisten_fds; i++)
         if (cfg->listen_fds[i] < 0)
             return -EBADF;
+    if (!(cfg->drain_delay >= 0.0) || cfg->drain_delay > 86400.0 ||
+        !(cfg->drain_grace >= 0.0) || cfg->drain_grace > 86400.0 || cfg->health_fd < 0)
+        return -EINVAL;
     for (size_t i = 0; i < cfg->ntrusted_proxies; i++) {
         const pp_cidr *n = &cfg->trusted_proxies[i];
         if ((n->family != AF_INET && n->family != AF_INET6) || n->prefix < 0 ||
@@ -182,6 +185,7 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     srv->epfd = -1;
     for (int i = 0; i < PP_MAX_LISTENERS; i++)
         srv->listen_fd[i] = -1;
+    srv->health_fd = -1;
     srv->bk = backend_of(cfg->backend);
     pp__list_init(&srv->fired);
     pp__list_init(&srv->pending);
@@ -273,6 +277,8 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
     srv->cfg.host = NULL;
     if (rc < 0)
         goto fail_wake;
+    if (cfg->health_fd > 0 && (rc = pp__health_open(srv, cfg->health_fd)) < 0)
+        goto fail_listen;
     if ((rc = srv->bk->init(srv)) < 0)
         goto fail_listen;
     srv->wake_w = (pp_watch){.fd = srv->wake_rd, .want = POLLIN, .kind = PP_W_WAKE};
@@ -282,6 +288,11 @@ int pp_server_new(const pp_config *cfg, pp_server **out)
         srv->listen_w[i] = (pp_watch){.fd = srv->listen_fd[i], .want = POLLIN,
                                       .kind = PP_W_LISTEN, .index = (unsigned char)i};
         if ((rc = srv->bk->add(srv, &srv->listen_w[i])) < 0)
+            goto fail_backend;
+    }
+    if (srv->health_fd >= 0) {
+        srv->health_w = (pp_watch){.fd = srv->health_fd, .want = POLLIN, .kind = PP_W_HEALTH};
+        if ((rc = srv->bk->add(srv, &srv->health_w)) < 0)
             goto fail_backend;
     }
     *out = srv;
@@ -456,6 +467,7 @@ void pp_server_stats(const pp_server *srv, pp_stats *s)
     s->wakeups = PP_LD(srv->wakeups);
     s->reply_timeouts = PP_LD(io->reply_timeouts);
     s->proxy_errors = PP_LD(io->proxy_errors);
+    s->health_checks = PP_LD(io->health_checks);
     s->deferred_cancelled = PP_LD(io->deferred_cancelled);
     s->handler_errors = PP_LD(io->handler_errors);
     s->replies = PP_LD(io->replies);

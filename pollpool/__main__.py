@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; '*' for any; default 127.0.0.0/8 and ::1/128)")
     p.add_argument("--proxy-timeout", type=float, default=5.0,
                    help="seconds a connection may take to send its PROXY header (default 5)")
+    p.add_argument("--health", default=None, metavar="HOST:PORT",
+                   help="a health-check listener: 'up ready' while serving, 'drain' once a stop "
+                        "begins (HAProxy's agent-check); closed as the drain begins")
+    p.add_argument("--drain-delay", type=float, default=0.0,
+                   help="seconds a stop keeps accepting and serving before the drain begins, "
+                        "so a balancer stops sending first (default 0)")
+    p.add_argument("--drain-grace", type=float, default=0.5,
+                   help="seconds a connection that has sent nothing whole yet gets, once the "
+                        "drain begins, for its first message (default 0.5)")
     p.add_argument("--max-deferred", type=int, default=1,
                    help="native handlers: replies a connection may have deferred at once, "
                         "the handler going on with the rest of a read meanwhile; replies "
@@ -139,6 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             bind=args.bind,
             unix_mode=_octal(args.unix_mode),
             proxy_timeout=args.proxy_timeout,
+            health=args.health,
+            drain_delay=args.drain_delay,
+            drain_grace=args.drain_grace,
             **({"trusted_proxies": args.trusted_proxy} if args.trusted_proxy else {}),
         )
         host, port = server.listen()
@@ -155,6 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # process listens.
         for where in addresses:
             print(f"pollpool listening on {where}", flush=True)
+        if server.health_address is not None:
+            print(f"pollpool health checks on {server.health_address}", flush=True)
         log = logging.getLogger("pollpool")
         if server.processes > 1:
             log.info("%d server processes share the port", server.processes)

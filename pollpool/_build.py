@@ -84,6 +84,9 @@ typedef struct pp_config {
     const int *listen_fds;
     size_t nlisten_fds;
     int notify_fd;
+    double drain_delay;
+    double drain_grace;
+    int health_fd;
 } pp_config;
 
 typedef struct pp_stats {
@@ -116,6 +119,7 @@ typedef struct pp_stats {
     uint64_t reply_timeouts;
     uint64_t deferred_cancelled;
     uint64_t proxy_errors;
+    uint64_t health_checks;
 } pp_stats;
 
 typedef struct pp_deferred pp_deferred;

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
 SD_LISTEN_FDS_START = 3
@@ -37,14 +37,14 @@ class Listener:
     spec: str                   # as bound: "127.0.0.1:9000", "unix:/run/x.sock", "fd://3"
     owned: bool = True          # closed with the server (False: sock= is the caller's)
     path: Optional[str] = None  # a Unix socket file made here, removed at the end
+    #: (host, port) of a TCP listener, else None; read at once, since our
+    #: own copy of the socket is closed once the core holds its duplicate.
+    tcp: Optional[Tuple[str, int]] = field(init=False, default=None)
 
-    @property
-    def tcp(self) -> Optional[Tuple[str, int]]:
-        """(host, port) of a TCP listener, else None."""
+    def __post_init__(self) -> None:
         if self.sock.family in (socket.AF_INET, socket.AF_INET6):
             host, port = self.sock.getsockname()[:2]
-            return str(host), int(port)
-        return None
+            self.tcp = (str(host), int(port))
 
 
 def _spec_of(sock: socket.socket, fallback: str) -> str:

@@ -1,10 +1,14 @@
 """``Server(processes=N)``: N forked server processes sharing one port.
 
-Each child is a whole pollpool server (its own I/O thread and worker pool)
-listening with SO_REUSEPORT, so the kernel spreads new connections across
-them.  The parent binds the port first, without listening, so that port 0
-resolves once, a bind error is raised in the caller, and the port stays
-reserved while a crashed child is replaced.
+Each child is a whole pollpool server (its own I/O thread and worker pool).
+The parent opens every listening socket before forking and keeps it for the
+server's whole life: with host/port, one set of SO_REUSEPORT sockets per
+process slot (the kernel spreads new connections across the slots); with
+``bind=``/``sock=``, the listeners every child shares.  A child serves
+duplicates and closes its inherited copies, so a child that exits, crashes
+or is restarted never closes a socket with a queue: what waits there is
+served by the next child of the slot.  Port 0 resolves once, and a bind
+error is raised in the caller.
 
 The parent supervises: it forwards a stop (SIGTERM to each child: the first
 drains gracefully, a second one cuts), answers ``stats()`` by asking every
@@ -127,6 +131,12 @@ class ProcessGroup:
         self.n = server.processes
         self.port = 0
         self._reserved: List[socket.socket] = []
+        # host/port: per slot, SO_REUSEPORT sockets listening on every
+        # address, opened by the parent and served by that slot's child
+        # (inherited through the fork).  The kernel spreads connections
+        # across the slots; a slot whose child died keeps its queue, served
+        # by the next child of the slot, instead of resetting it.
+        self._slots: List[List[socket.socket]] = []
         # bind= or sock=: listeners the parent opens once and every child
         # serves (inherited through the fork); they outlive the children.
         self._listeners: List[Any] = []
@@ -151,6 +161,7 @@ class ProcessGroup:
 
     def listen(self) -> Tuple[str, int]:
         srv = self.server
+        srv._health_socket()   # opened once here; every child serves it, inherited
         if srv.bind or srv.sock:
             if not self._listeners:
                 from .listeners import open_listeners
@@ -158,9 +169,19 @@ class ProcessGroup:
                                                  srv.unix_mode, lib.PP_MAX_LISTENERS)
             tcp = [lst.tcp for lst in self._listeners if lst.tcp is not None]
             return tcp[0] if tcp else (self._listeners[0].spec, 0)
-        if not self._reserved:
+        if not self._slots:
             self._reserved, self.port = reserve(self.server.host, self.server.port)
-        host = self._reserved[0].getsockname()[0]
+            try:
+                self._slots.append(self._reserved)
+                for _ in range(1, self.n):
+                    self._slots.append(reserve(self.server.host, self.port)[0])
+                for socks in self._slots:
+                    for s in socks:
+                        s.listen(srv.backlog)
+            except BaseException:
+                self._finish()
+                raise
+        host = self._slots[0][0].getsockname()[0]
         return host, self.port
 
     @property
@@ -196,7 +217,7 @@ class ProcessGroup:
                 self._start_child(slot)
         except BaseException:
             self.request_stop()
-            self._reap_all(self.server.drain_timeout)
+            self._reap_all(self.server._stop_budget)
             self._finish()
             raise
 
@@ -240,6 +261,16 @@ class ProcessGroup:
             if self._stop_level == 0:
                 from .listeners import notify
                 notify(self.notify, b"STOPPING=1")
+                # The children answer health checks with "drain" until their
+                # drains begin, and close their copies of the listeners then;
+                # the parent's copies must not keep the sockets open after
+                # that, queueing connections nobody accepts (a Unix socket's
+                # file goes when the parent stops).
+                from .server import _release
+                _release(self._listeners + self.server._health)
+                for socks in self._slots:
+                    for s in socks:
+                        s.close()
             self._stop_level = want
             self._due.clear()
             for child in self._children.values():
@@ -335,8 +366,10 @@ class ProcessGroup:
             self._finish()
 
     def _finish(self) -> None:
-        for s in self._reserved:
-            s.close()
+        for socks in self._slots:
+            for s in socks:
+                s.close()
+        self._slots = []
         self._reserved = []
         from .listeners import close_all
         close_all(self._listeners)   # Unix socket files go with the last child
@@ -530,11 +563,15 @@ class ProcessGroup:
             code = 1
             try:
                 parent_end.close()
-                others = [c.sock for c in self._children.values()] + self._reserved
+                others = [c.sock for c in self._children.values()]
+                for i, socks in enumerate(self._slots):
+                    if i != slot:
+                        others += socks
                 for s in others:
                     s.close()
                 code = _child_main(self.server, self.port, child_end, self._parent,
-                                   [lst.sock for lst in self._listeners])
+                                   [lst.sock for lst in self._listeners] or
+                                   (self._slots[slot] if self._slots else []))
             finally:
                 for stream in (sys.stdout, sys.stderr):
                     try:
@@ -599,9 +636,16 @@ def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: in
         # serves duplicates and the parent keeps them open across restarts.
         where: Dict[str, Any] = {"bind": None, "sock": listeners} if listeners else \
             {"port": port, "reuse_port": True}
+        health = parent._health_socket()   # inherited, or None
+        where["health"] = health
         srv = Server(parent.handler, **{**parent._kwargs, **where, "processes": 1,
                                         "backend": parent.backend, "loop": None})
         srv.listen()
+        # The core serves its duplicates and closes them as its drain
+        # begins; the inherited copies, kept open until this process exits,
+        # would meanwhile queue connections nobody accepts.
+        for s in listeners + ([health] if health is not None else []):
+            s.close()
     except OSError as e:
         send({"error": str(e), "errno": e.errno})
         return 3

@@ -21,7 +21,16 @@ from ._core import ffi, lib
 from .connection import Connection, PeerCred
 from .framing import Framing, LengthPrefixed, Lines, Raw, parse_framing
 from .handlers import NativeHandler
-from .listeners import Listener, close_all, notify, notify_socket, open_listeners, parse_bind, systemd_listeners
+from .listeners import (
+    Listener,
+    _spec_of,
+    close_all,
+    notify,
+    notify_socket,
+    open_listeners,
+    parse_bind,
+    systemd_listeners,
+)
 from .types import BytesLike, Handler
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -38,6 +47,7 @@ STAT_FIELDS = (
     "rejected", "idle_closes", "send_timeouts", "output_overflows",
     "pushes", "push_bytes", "push_drops", "push_overflow_closes", "wakeups",
     "deferred", "deferred_total", "reply_timeouts", "deferred_cancelled", "proxy_errors",
+    "health_checks",
 )
 PUSH_OVERFLOW = {"close": 0, "drop": 1}
 
@@ -558,6 +568,16 @@ class Server:
     :param sock: listening Python sockets to serve (they stay yours).
     :param unix_mode: the permissions of Unix socket files, e.g. ``0o660``.
     :param loop: the event loop ``async def`` handlers run on.
+    :param drain_delay: seconds a stop keeps accepting and serving as before
+        (health checks hear ``drain``, systemd ``STOPPING=1``) before the
+        drain begins, so a balancer stops sending first.
+    :param drain_grace: seconds, once the drain begins, that a connection
+        which has not sent a whole message yet is given for its first one
+        (answered before the goodbye); within ``drain_timeout``.
+    :param health: ``HOST:PORT`` or ``unix:PATH`` (or a listening socket) of
+        a health-check listener: each connection hears ``up ready`` while
+        serving and ``drain`` once a stop begins (HAProxy's agent-check), and
+        the listener closes as the drain begins.
     """
 
     def __init__(
@@ -593,6 +613,9 @@ class Server:
         sock: Union[socket.socket, Iterable[socket.socket], None] = None,
         unix_mode: Optional[int] = None,
         loop: Optional[asyncio.AbstractEventLoop] = None,
+        drain_delay: float = 0.0,
+        drain_grace: float = 0.5,
+        health: Union[str, socket.socket, None] = None,
     ) -> None:
         # Every argument but the handler, as given: what a forked server
         # process (processes > 1) is built with.
@@ -660,6 +683,14 @@ class Server:
         self.proxy_timeout = _check_seconds("proxy_timeout", proxy_timeout)
         if proxy_protocol and self.proxy_timeout == 0:
             raise ValueError("proxy_timeout must be more than 0 with proxy_protocol")
+        self.drain_delay = _check_seconds("drain_delay", drain_delay)
+        self.drain_grace = _check_seconds("drain_grace", drain_grace)
+        if health is not None and not isinstance(health, (str, socket.socket)):
+            raise TypeError("health must be 'HOST:PORT', 'unix:PATH' or a listening socket")
+        if isinstance(health, str) and parse_bind(health)[0] not in ("tcp", "unix"):
+            raise ValueError(f"health must be 'HOST:PORT' or 'unix:PATH', got {health!r}")
+        self.health = health
+        self._health: List[Listener] = []   # the health listener opened for it
         if isinstance(bind, str):
             bind = [bind]
         self.bind: Tuple[str, ...] = tuple(bind) if bind is not None else ()
@@ -805,6 +836,11 @@ class Server:
         self._notify = notify_socket()
         if self._notify is not None:
             cfg.notify_fd = self._notify.fileno()
+        cfg.drain_delay = self.drain_delay
+        cfg.drain_grace = self.drain_grace
+        health_sock = self._health_socket()
+        if health_sock is not None:
+            cfg.health_fd = health_sock.fileno()
         reject = None
         if self.reject_message is not None:
             reject = ffi.from_buffer("unsigned char[]", self.reject_message)
@@ -866,6 +902,11 @@ class Server:
             where = f"{self.host}:{self.port}"
             raise OSError(err, f"cannot listen on {where}: {os.strerror(err)}")
         srv = out[0]
+        # The core serves duplicates of the sockets opened for bind= and
+        # health=, and closes them as its drain begins: a copy kept open here
+        # would go on queueing connections that nobody accepts, to be reset
+        # at the end.  (Unix socket files are removed at the end.)
+        _release(self._listeners + self._health)
         if isinstance(self._handle, AsyncRunner):
             self._runner = self._handle
         limit = lib.pp_server_fd_limit(srv)
@@ -912,10 +953,25 @@ class Server:
         finally:
             self._finish()
 
+    def _health_socket(self) -> Optional[socket.socket]:
+        """The health listener: opened here for a name (once), or the
+        socket given."""
+        if isinstance(self.health, socket.socket):
+            return self.health
+        if self.health is not None and not self._health:
+            self._health = open_listeners([self.health], [], self.backlog, False, self.unix_mode, 1)
+        return self._health[0].sock if self._health else None
+
+    @property
+    def _stop_budget(self) -> float:
+        """How long a graceful stop may take in all."""
+        return self.drain_delay + self.drain_timeout
+
     def _close_listeners(self) -> None:
-        """The sockets made for bind= (Unix socket files removed) and the
-        notify socket; sock= is the caller's.  Idempotent."""
+        """The sockets made for bind= (Unix socket files removed), the health
+        listener and the notify socket; sock= is the caller's.  Idempotent."""
         close_all(self._listeners)
+        close_all(self._health)
         s, self._notify = self._notify, None
         if s is not None:
             s.close()
@@ -981,7 +1037,7 @@ class Server:
         """Stops the children, whatever was started of them, and waits for
         them (within the drain timeout); then the server is stopped."""
         if not self._group.done:
-            self._group.stop(self.drain_timeout)
+            self._group.stop(self._stop_budget)
         with self._lock:
             self._last_stats = self._group.stats()
             self._forced = self._group.forced
@@ -1283,6 +1339,16 @@ class Server:
         return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
     @property
+    def health_address(self) -> Optional[str]:
+        """The health listener's address in bind= spelling (the real port),
+        or None without ``health=``."""
+        if self._health:
+            return self._health[0].spec
+        if isinstance(self.health, socket.socket):
+            return _spec_of(self.health, "health")
+        return None
+
+    @property
     def address(self) -> Tuple[str, int]:
         """(host, port) the server listens on; the real port when 0 was asked.
         With bind=, the first TCP address, or ``("unix:PATH", 0)`` when it
@@ -1339,12 +1405,20 @@ class Server:
         return f"<pollpool.Server {where} {self._state}>"
 
 
+def _release(listeners: List[Listener]) -> None:
+    """Closes our own copies of listening sockets that something else (the
+    core, or server processes) holds duplicates of."""
+    for lst in listeners:
+        if lst.owned:
+            lst.sock.close()
+
+
 def _stop_all() -> None:
     # A worker calling into a finalizing interpreter crashes the process, so
     # every server still running is stopped before finalization begins.
     for srv in list(_RUNNING):
         try:
-            srv.stop(timeout=srv.drain_timeout)
+            srv.stop(timeout=srv._stop_budget)
         except Exception:  # pragma: no cover - best effort at exit
             log.exception("stopping %r at exit failed", srv)
 

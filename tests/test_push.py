@@ -224,20 +224,25 @@ def test_push_limit_drop_keeps_the_connection_and_counts(make_server, connect, b
     # of pushes is not enough: it may all fit in the kernel (nothing dropped),
     # or be dropped while the I/O thread lags and leave nothing pending.
     taken = dropped = 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if srv.send(cid, b"z" * 8000):
-            taken += 1
-            continue
-        dropped += 1                 # over the limit: is it draining?
-        before = conn.pending
-        time.sleep(0.05)
-        if before > 0 and conn.pending == before:
+    deadline = time.monotonic() + 20
+    while True:
+        while time.monotonic() < deadline:
+            if srv.send(cid, b"z" * 8000):
+                taken += 1
+                continue
+            dropped += 1                 # over the limit: is it draining?
+            before = conn.pending
+            time.sleep(0.05)
+            if before > 0 and conn.pending == before:
+                break
+        else:
+            pytest.fail("the server's send buffer never filled")
+        if not srv.send(cid, b"z" * 8000):  # still full: dropped again
+            dropped += 1
             break
-    else:
-        pytest.fail("the server's send buffer never filled")
-    assert not srv.send(cid, b"z" * 8000)   # still full: dropped again
-    dropped += 1
+        # Taken after all: the I/O thread, slowed by a busy machine, had
+        # not yet filled the kernel's buffer in those 50 ms.  Fill again.
+        taken += 1
     # What it has not read waits in the server, within the limit.
     assert 0 < conn.pending <= 64 * 1024 + 8192
     st = srv.stats()

@@ -1162,6 +1162,130 @@ static void test_stop_closes_idle(void)
     pp_server_free(s2);
 }
 
+/* What one connection to port hears until EOF ("" if refused: returns -1). */
+static int hear(int port, char *buf, size_t cap)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    set_timeouts(fd, RECV_TIMEOUT_S * 1000, RECV_TIMEOUT_S * 1000);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        CHECKF(errno == ECONNREFUSED, "connect: %s", strerror(errno));
+        close(fd);
+        buf[0] = '\0';
+        return -1;
+    }
+    size_t n = 0;
+    for (;;) {
+        CHECK(n < cap);
+        ssize_t k = recv(fd, buf + n, cap - 1 - n, 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && errno == ECONNRESET)
+            break; /* queued as the last holder closed: a failed check */
+        CHECKF(k >= 0, "recv: %s", strerror(errno));
+        if (k == 0)
+            break;
+        n += (size_t)k;
+    }
+    buf[n] = '\0';
+    close(fd);
+    return (int)n;
+}
+
+/* Polls the health socket until it says want ("" = until it refuses). */
+static void hear_until(int port, const char *want)
+{
+    char buf[64];
+    for (int i = 0; i < 2000; i++) {
+        int n = hear(port, buf, sizeof buf);
+        if ((*want == '\0' && n < 0) || (n >= 0 && strcmp(buf, want) == 0))
+            return;
+        struct timespec ts = {0, 5 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    CHECKF(0, "health never said \"%s\" (last \"%s\")", want, buf);
+}
+
+/* Leaving behind a balancer, through the public entry points: the health
+ * socket says "up ready", then "drain" from the stop on while drain_delay
+ * keeps the service accepting and serving; then both close together, and a
+ * connection that never spoke gets drain_grace for its first message,
+ * answered before the goodbye. */
+static void test_leaving(void)
+{
+    alarm(60);
+    int hfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(hfd >= 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(bind(hfd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    CHECK(listen(hfd, 64) == 0);
+    socklen_t sl = sizeof sa;
+    CHECK(getsockname(hfd, (struct sockaddr *)&sa, &sl) == 0);
+    int hport = ntohs(sa.sin_port);
+
+    pp_config cfg;
+    config_upper(&cfg, &LINE_LF, "bye");
+    cfg.health_fd = hfd;
+    cfg.drain_delay = 0.4;
+    cfg.drain_grace = 20.0;
+    int port;
+    pp_server *srv = server_up(&cfg, &port);
+    close(hfd); /* the core holds its own duplicate */
+    char buf[64];
+    CHECK_EQ(hear(hport, buf, sizeof buf), 9);
+    CHECK(strcmp(buf, "up ready\n") == 0);
+    int silent = client_connect(port);
+    int spoke = client_connect(port);
+    send_str(spoke, &LINE_LF, "one");
+    expect_reply(spoke, &LINE_LF, "ONE");
+    wait_active(srv, 2);
+
+    pp_server_stop(srv, 0);
+    hear_until(hport, "drain\n");
+    int late = client_connect(port); /* accepted during the delay */
+    send_str(late, &LINE_LF, "newcomer");
+    expect_reply(late, &LINE_LF, "NEWCOMER");
+    hear_until(hport, "");
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sa.sin_port = htons((uint16_t)port);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno == ECONNREFUSED);
+    close(fd);
+    /* Spoken: the goodbye at once.  Silent: its grace. */
+    expect_reply(spoke, &LINE_LF, "bye");
+    expect_eof(spoke);
+    expect_reply(late, &LINE_LF, "bye");
+    expect_eof(late);
+    send_str(silent, &LINE_LF, "at last");
+    expect_reply(silent, &LINE_LF, "AT LAST");
+    expect_reply(silent, &LINE_LF, "bye");
+    expect_eof(silent);
+    close(spoke);
+    close(late);
+    close(silent);
+    CHECK_EQ(pp_server_join(srv), 0);
+    CHECK(!pp_server_was_forced(srv));
+    pp_stats st;
+    pp_server_stats(srv, &st);
+    CHECK(st.health_checks >= 3);
+    CHECK_EQ(st.accepted, 3);
+    pp_server_free(srv);
+
+    /* Bad values are refused. */
+    config_for(&cfg, &LINE_LF);
+    cfg.drain_delay = -1;
+    pp_server *bad = NULL;
+    CHECK_EQ(pp_server_new(&cfg, &bad), -EINVAL);
+    config_for(&cfg, &LINE_LF);
+    cfg.health_fd = 1000000; /* not open */
+    CHECK_EQ(pp_server_new(&cfg, &bad), -EBADF);
+}
+
 /* Idle timers under churn: connections go silent at random moments while
  * others keep talking.  Every silent one is closed by the idle timeout, no
  * talking one ever is, and the counts add up: the sorted timer lists stay
@@ -4238,6 +4362,7 @@ int main(int argc, char **argv)
     RUN("drain_timeout", test_drain_timeout());
     RUN("connection_events", test_connection_events());
     RUN("idle_timers", test_idle_timers());
+    RUN("leaving", test_leaving());
     RUN("full_server_rejecting_quiet", test_full_server_rejecting_stays_quiet());
     RUN("sockets_behind_stuck_queue", test_serves_sockets_behind_a_stuck_queue());
     RUN("stop_answers_during_task", test_stop_answers_what_came_during_a_task());

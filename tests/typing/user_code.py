@@ -75,6 +75,17 @@ def every_form() -> None:
     pollpool.Server(upper, bind=["127.0.0.1:0", "unix:/tmp/x.sock"], framing="length").start()
 
 
+def framings_and_peers(conn: Connection) -> str:
+    framings: list[pollpool.Lines | pollpool.LengthPrefixed | pollpool.Raw] = [
+        pollpool.Lines(b"\r\n", max_size=4096), pollpool.LengthPrefixed(header_bytes=2), pollpool.Raw(),
+        pollpool.parse_framing("length:8")]
+    peer = conn.peer
+    if isinstance(peer, pollpool.PeerCred):
+        return f"uid {peer.uid} over {len(framings)} framings"
+    host, port = peer
+    return f"{host}:{port + 0}"
+
+
 async def in_asyncio() -> None:
     async with pollpool.Server(lookup, port=0) as srv:
         await srv.serve()
@@ -95,3 +106,4 @@ def wrong_forms() -> None:
     pollpool.Server(NoMethods())  # type: ignore[arg-type]
     pollpool.Server(upper, port="9000")  # type: ignore[arg-type]
     pollpool.Server(upper, threads=4.5)  # type: ignore[arg-type]
+    pollpool.Lines(delimiter="\n")  # type: ignore[arg-type]
