@@ -295,6 +295,7 @@ struct pp_server {
     _Atomic(pp_conn *) done;    /* completion stack, pushed by workers */
     atomic_int io_armed;        /* the I/O thread may be asleep in poll() */
     atomic_int stop_level;      /* 0 running, 1 graceful, 2 force */
+    atomic_int retiring;        /* pp_server_retire(): leave without telling */
     atomic_int finished;        /* loop returned */
     atomic_int forced;          /* last run ended by force or timeout */
     atomic_int running;         /* the loop was entered */

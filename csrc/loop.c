@@ -1286,6 +1286,14 @@ static void begin_drain(pp_server *srv)
  * everything is served as before, so a balancer stops sending first. */
 static void begin_leave(pp_server *srv)
 {
+    if (atomic_load(&srv->retiring)) {
+        /* Replaced on the same listeners: the service is not leaving, and
+         * the health socket stays with the new server process. */
+        if (!srv->draining)
+            begin_drain(srv);
+        srv->leaving = 1;
+        return;
+    }
     srv->leaving = 1;
     if (srv->cfg.notify_fd > 0) {
         /* systemd (Type=notify): the service is going.  A datagram: all of

@@ -221,6 +221,12 @@ int pp_server_join(pp_server *srv);
  * from any thread and from a signal handler; returns at once. */
 void pp_server_stop(pp_server *srv, int force);
 
+/* A graceful stop with no drain_delay and no "drain" on the health socket:
+ * for a server process that a new one replaces on the same listeners (a
+ * rolling restart), where nothing outside is to be told that the service
+ * is leaving.  Safe from any thread; returns at once. */
+void pp_server_retire(pp_server *srv);
+
 /* Nonzero when the calling thread is one of srv's worker threads, i.e. a
  * handler or hook of srv is calling: such a caller must never wait for the
  * server (it would wait for its own task).  Any thread. */

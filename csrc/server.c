@@ -423,6 +423,12 @@ void pp_server_stop(pp_server *srv, int force)
     pp__loop_wake(srv);
 }
 
+void pp_server_retire(pp_server *srv)
+{
+    atomic_store(&srv->retiring, 1); /* read by the loop once it sees the stop */
+    pp_server_stop(srv, 0);
+}
+
 int pp_server_on_worker(const pp_server *srv)
 {
     return pp__pool_on_worker(&srv->pool);

@@ -134,6 +134,7 @@ int pp_server_address(const pp_server *srv, char *host, size_t hostlen,
 int pp_server_start_workers(pp_server *srv);
 int pp_server_run(pp_server *srv);
 void pp_server_stop(pp_server *srv, int force);
+void pp_server_retire(pp_server *srv);
 int pp_server_was_forced(const pp_server *srv);
 int pp_server_on_worker(const pp_server *srv);
 long pp_server_fd_limit(const pp_server *srv);

@@ -142,6 +142,13 @@ class ProcessGroup:
         self._listeners: List[Any] = []
         self.notify: Optional[socket.socket] = None   # systemd's, the parent's alone
         self._children: Dict[int, _Child] = {}   # slot -> live child
+        # Rolling restarts (restart_workers, SIGHUP): children replaced and
+        # draining, the restart under way, and the callers waiting for it.
+        self._retiring: List[_Child] = []
+        self._roll_wanted = False                # set by SIGHUP's handler too
+        self._rolling: Optional[Dict[str, Any]] = None
+        self._roll_waiters: List[threading.Event] = []
+        self._serving_thread: Optional[threading.Thread] = None   # in serve()
         self._dead: Dict[str, int] = {}          # totals of children gone
         self._restarts = 0
         self._delay = [RESTART_DELAY] * self.n
@@ -233,15 +240,19 @@ class ProcessGroup:
 
     def serve(self) -> None:
         """Supervises on this thread until stopped; on the main thread SIGINT
-        and SIGTERM are forwarded to the children (the second one forces)."""
+        and SIGTERM are forwarded to the children (the second one forces),
+        and SIGHUP replaces them one at a time (restart_workers)."""
         main = threading.current_thread() is threading.main_thread()
         saved = {}
         if main:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 saved[sig] = signal.signal(sig, self._on_signal)
+            saved[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
+        self._serving_thread = threading.current_thread()
         try:
             self._supervise()
         finally:
+            self._serving_thread = None
             for sig, old in saved.items():
                 signal.signal(sig, old)
 
@@ -249,6 +260,10 @@ class ProcessGroup:
         # Runs between bytecodes of the main thread, maybe inside _supervise
         # with _io held: no locks here, the loop acts on it within a tick.
         self._signals += 1
+
+    def _on_hangup(self, signum: int, frame: Any) -> None:
+        # "Reload": as _on_signal, a flag the supervising loop acts on.
+        self._roll_wanted = True
 
     def request_stop(self, force: bool = False) -> None:
         """Graceful (SIGTERM to each child), or forced (a second SIGTERM: the
@@ -276,6 +291,10 @@ class ProcessGroup:
             for child in self._children.values():
                 if not child.reaped:
                     self._kill(child.pid, signal.SIGTERM)
+            if force:   # the replaced ones drain already: a second SIGTERM cuts
+                for child in self._retiring:
+                    if not child.reaped:
+                        self._kill(child.pid, signal.SIGTERM)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         self.request_stop()
@@ -322,9 +341,9 @@ class ProcessGroup:
             total = dict.fromkeys(STAT_FIELDS, 0)
             for k, v in self._dead.items():
                 total[k] = total.get(k, 0) + v
-            children = list(self._children.values())
-            total["processes"] = len(children)
+            total["processes"] = len(self._children)
             total["restarts"] = self._restarts
+            children = list(self._children.values()) + list(self._retiring)
         for child in children:
             with child.lock:
                 got = self._ask(child)
@@ -345,7 +364,7 @@ class ProcessGroup:
                     self.request_stop(force=self._stop_level >= 1)
                 self._reap()
                 with self._io:
-                    if self._stop_level and not self._children:
+                    if self._stop_level and not self._children and not self._retiring:
                         break
                     now = time.monotonic()
                     due = [slot for slot, at in self._due.items() if at <= now]
@@ -360,10 +379,96 @@ class ProcessGroup:
                         log.exception("restarting server process %d failed", slot)
                         with self._io:
                             self._schedule(slot)
+                self._roll_step()
                 self._listen_children(_TICK)
         finally:
             self._supervising = False
             self._finish()
+
+    # -- rolling restarts ------------------------------------------------
+
+    def restart_workers(self, wait: bool = True) -> None:
+        """Replaces the children one at a time: each slot's new child is
+        serving (its listeners are the parent's, so no connection waits on a
+        closed socket) before the old one is told to drain; the next slot
+        follows once the old child has exited.  Asked again while one runs,
+        another follows it.  Forking is the supervising thread's (see
+        start()), so this asks it and, with wait, blocks until it is done or
+        the group stops."""
+        done = threading.Event()
+        with self._io:
+            if self._stop_level:
+                return
+            self._roll_wanted = True
+            self._roll_waiters.append(done)
+        if wait and threading.current_thread() is not self._supervisor_thread():
+            while not done.wait(0.1):
+                if self._done.is_set():
+                    return
+
+    def _supervisor_thread(self) -> Optional[threading.Thread]:
+        return self._thread if self._thread is not None else self._serving_thread
+
+    def _roll_step(self) -> None:
+        """One step of a rolling restart, on the supervising thread: start a
+        slot's new child, or see whether the old one it replaced is gone."""
+        r = self._rolling
+        if r is None:
+            if not self._roll_wanted or self._stop_level:
+                return
+            with self._io:
+                self._roll_wanted = False
+                waiters, self._roll_waiters = self._roll_waiters, []
+            log.info("replacing %d server processes one at a time", self.n)
+            r = self._rolling = {"slot": 0, "old": None, "waiters": waiters, "deadline": 0.0}
+        old = r["old"]
+        if old is not None:
+            if not old.reaped:
+                if time.monotonic() > r["deadline"]:
+                    log.error("replaced server process %d (pid %d) did not exit; killing it",
+                              old.slot, old.pid)
+                    self._kill(old.pid, signal.SIGKILL)
+                    r["deadline"] = float("inf")
+                return
+            r["slot"] += 1
+            r["old"] = None
+        if r["slot"] >= self.n or self._stop_level:
+            self._rolling = None
+            for ev in r["waiters"]:
+                ev.set()
+            return
+        slot = r["slot"]
+        child = self._spawn(slot)
+        try:
+            self._wait_ready(child)
+        except BaseException:
+            self._kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+            child.sock.close()
+            log.exception("a new server process %d did not start; the restart stops", slot)
+            self._rolling = None
+            for ev in r["waiters"]:
+                ev.set()
+            return
+        with self._io:
+            old = self._children.get(slot)
+            self._children[slot] = child
+            self._due.pop(slot, None)      # it replaces a restart that was due, too
+            if old is not None and not old.reaped:
+                self._retiring.append(old)
+            else:
+                old = None
+        if old is not None:
+            # Not SIGTERM: a stop would tell the health listener's checkers
+            # that this instance is leaving (drain), while only a process of
+            # it is being replaced.
+            try:
+                with old.lock:
+                    _send(old.sock, {"cmd": "retire"})
+            except OSError:
+                self._kill(old.pid, signal.SIGTERM)
+        r["old"] = old
+        r["deadline"] = time.monotonic() + self.server._stop_budget + 5.0
 
     def _finish(self) -> None:
         for socks in self._slots:
@@ -378,7 +483,9 @@ class ProcessGroup:
     def _reap(self) -> None:
         exited = []
         with self._io:
-            for child in list(self._children.values()):
+            for child in list(self._children.values()) + self._retiring:
+                if child.reaped:
+                    continue
                 try:
                     pid, status = os.waitpid(child.pid, os.WNOHANG)
                 except ChildProcessError:
@@ -395,8 +502,17 @@ class ProcessGroup:
             # child in exactly one of them.
             for child, status in exited:
                 slot = child.slot
-                del self._children[slot]
                 code = os.waitstatus_to_exitcode(status)
+                if child in self._retiring:   # replaced: its exit was asked for
+                    self._retiring.remove(child)
+                    for k, v in (child.final or child.last).items():
+                        if k != "active":
+                            self._dead[k] = self._dead.get(k, 0) + v
+                    if child.forced or code not in (0, 130):
+                        log.warning("replaced server process %d (pid %d) %s", slot, child.pid,
+                                    _describe(code))
+                    continue
+                del self._children[slot]
                 if child.forced or code == 130:
                     self._forced = True
                 # What it sent last is what it counted: a crash loses at most
@@ -433,7 +549,7 @@ class ProcessGroup:
         """Waits up to timeout for what children say unasked: a "stop" (their
         handler called stop() on this server) stops the whole group."""
         with self._io:
-            children = [c for c in self._children.values() if not c.reaped]
+            children = [c for c in list(self._children.values()) + self._retiring if not c.reaped]
         socks = {c.sock.fileno(): c for c in children if c.sock.fileno() >= 0}
         if not socks:
             time.sleep(timeout)
@@ -668,7 +784,9 @@ def _child_main(parent: "Server", port: int, sock: socket.socket, parent_pid: in
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 req = json.loads(line)
-                if req.get("cmd") == "stats":
+                if req.get("cmd") == "retire":   # replaced: drain, tell nobody
+                    srv._retire()
+                elif req.get("cmd") == "stats":
                     try:
                         send({"stats": srv.stats(), "seq": req.get("seq")})
                     except OSError:

@@ -1161,6 +1161,26 @@ class Server:
             thread.join()
         return dict(self._last_stats)
 
+    def _retire(self) -> None:
+        """In a server process being replaced: a graceful stop that tells
+        nobody outside (pp_server_retire)."""
+        with self._lock:
+            if self._srv is not None and self._state == "running":
+                lib.pp_server_retire(self._srv)
+
+    def restart_workers(self, wait: bool = True) -> None:
+        """With ``processes=N``: replaces the server processes one at a time,
+        each new one serving before the old one drains, so that nothing is
+        refused, reset or left unanswered (the listeners are the parent's).
+        SIGHUP under :meth:`serve_forever` does the same.  With ``wait``,
+        returns once every process is replaced (or the server stops).  The
+        new processes are forked from this one: they run the handler this
+        process holds."""
+        group = self._group
+        if group is None:
+            raise RuntimeError("restart_workers() needs a running server with processes > 1")
+        group.restart_workers(wait)
+
     def _request_stop(self) -> bool:
         """Starts the stop.  True if the caller is to wait for its end; False
         if it is over, or if the caller is what the end waits for."""
