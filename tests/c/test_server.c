@@ -1276,6 +1276,34 @@ static void test_leaving(void)
     CHECK_EQ(st.accepted, 3);
     pp_server_free(srv);
 
+    /* Retiring (replaced by another process on the same listeners): no
+     * delay and no "drain", the drain at once. */
+    hfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(hfd >= 0);
+    sa.sin_port = 0;
+    CHECK(bind(hfd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    CHECK(listen(hfd, 64) == 0);
+    sl = sizeof sa;
+    CHECK(getsockname(hfd, (struct sockaddr *)&sa, &sl) == 0);
+    hport = ntohs(sa.sin_port);
+    config_upper(&cfg, &LINE_LF, "bye");
+    cfg.health_fd = hfd;
+    cfg.drain_delay = 3600.0;
+    srv = server_up(&cfg, &port);
+    close(hfd);
+    int kept = client_connect(port);
+    send_str(kept, &LINE_LF, "x");
+    expect_reply(kept, &LINE_LF, "X");
+    pp_server_retire(srv);
+    expect_reply(kept, &LINE_LF, "bye");
+    expect_eof(kept);
+    close(kept);
+    CHECK_EQ(pp_server_join(srv), 0); /* not an hour later */
+    CHECK(hear(hport, buf, sizeof buf) < 0);
+    pp_server_stats(srv, &st);
+    CHECK_EQ(st.health_checks, 0);
+    pp_server_free(srv);
+
     /* Bad values are refused. */
     config_for(&cfg, &LINE_LF);
     cfg.drain_delay = -1;
