@@ -277,6 +277,35 @@ static void listeners_close(pp_server *srv)
     pp__listen_close(srv);
 }
 
+/* What a failed accept4() on a listener means. */
+enum { PP_ACC_AGAIN, PP_ACC_DRAINED, PP_ACC_PAUSE, PP_ACC_SKIP };
+
+static int accept_failed(pp_server *srv, int err)
+{
+    switch (err) {
+    case EINTR:
+    case ECONNABORTED:
+    case EPROTO:
+        return PP_ACC_AGAIN; /* this one, or the next waiting connection */
+    case EAGAIN:
+#if EAGAIN != EWOULDBLOCK
+    case EWOULDBLOCK:
+#endif
+        return PP_ACC_DRAINED;
+    case EMFILE:
+    case ENFILE:
+    case ENOBUFS:
+    case ENOMEM:
+        /* The pending connection stays in the backlog and the listener
+         * stays readable: polling it now would spin. */
+        pp__stat_add(&srv->stats.accept_errors, 1);
+        return PP_ACC_PAUSE;
+    default:
+        pp__stat_add(&srv->stats.accept_errors, 1);
+        return PP_ACC_SKIP;
+    }
+}
+
 /* Health checks: each connection hears one line and is closed, never read.
  * "up ready" while serving (HAProxy's agent-check: up, and out of any drain
  * state an earlier instance left), "drain" once a stop began (its weight
@@ -287,29 +316,17 @@ static void health_accept(pp_server *srv, pp_watch *w)
     for (int taken = 0; taken < PP_ACCEPTS_PER_ROUND; taken++) {
         int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            switch (errno) {
-            case EINTR:
-            case ECONNABORTED:
-            case EPROTO:
+            switch (accept_failed(srv, errno)) {
+            case PP_ACC_AGAIN:
                 continue;
-            case EAGAIN:
-#if EAGAIN != EWOULDBLOCK
-            case EWOULDBLOCK:
-#endif
+            case PP_ACC_DRAINED:
                 pp__watch_drained(w, POLLIN);
                 return;
-            case EMFILE:
-            case ENFILE:
-            case ENOBUFS:
-            case ENOMEM:
-                /* As do_accept: polling a listener whose backlog we cannot
-                 * take would spin.  Retried in a while. */
-                pp__stat_add(&srv->stats.accept_errors, 1);
+            case PP_ACC_PAUSE: /* retried in a while, as do_accept does */
                 w->want = 0;
                 srv->health_retry_at = pp__now_ms() + PP_ACCEPT_RETRY_MS;
                 return;
             default:
-                pp__stat_add(&srv->stats.accept_errors, 1);
                 return;
             }
         }
@@ -396,28 +413,16 @@ static void do_accept(pp_server *srv, pp_watch *lw)
         int fd = accept4(lfd, (struct sockaddr *)&ss, &sl,
                          SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            switch (errno) {
-            case EINTR:
-            case ECONNABORTED:
-            case EPROTO:
+            switch (accept_failed(srv, errno)) {
+            case PP_ACC_AGAIN:
                 continue;
-            case EAGAIN:
-#if EAGAIN != EWOULDBLOCK
-            case EWOULDBLOCK:
-#endif
+            case PP_ACC_DRAINED:
                 pp__watch_drained(lw, POLLIN);
                 return;
-            case EMFILE:
-            case ENFILE:
-            case ENOBUFS:
-            case ENOMEM:
-                /* The pending connection stays in the backlog and the
-                 * listener stays readable: polling it now would spin. */
-                pp__stat_add(&srv->stats.accept_errors, 1);
+            case PP_ACC_PAUSE:
                 accept_pause(srv, pp__now_ms() + PP_ACCEPT_RETRY_MS);
                 return;
             default:
-                pp__stat_add(&srv->stats.accept_errors, 1);
                 return;
             }
         }

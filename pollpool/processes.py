@@ -438,13 +438,9 @@ class ProcessGroup:
                 ev.set()
             return
         slot = r["slot"]
-        child = self._spawn(slot)
         try:
-            self._wait_ready(child)
-        except BaseException:
-            self._kill(child.pid, signal.SIGKILL)
-            os.waitpid(child.pid, 0)
-            child.sock.close()
+            child = self._new_child(slot)
+        except Exception:
             log.exception("a new server process %d did not start; the restart stops", slot)
             self._rolling = None
             for ev in r["waiters"]:
@@ -647,9 +643,9 @@ class ProcessGroup:
             raise OSError(err, f"server process {child.slot}: {msg['error']}")
         raise RuntimeError(f"server process {child.slot} (pid {child.pid}) did not start")
 
-    def _start_child(self, slot: int) -> None:
-        """Forks the child for slot and waits until it listens.  It joins the
-        table only then, so that nothing else reads its socket before."""
+    def _new_child(self, slot: int) -> _Child:
+        """Forks a child for slot and waits until it listens; one that does
+        not is killed and reaped, and the error raised."""
         child = self._spawn(slot)
         try:
             self._wait_ready(child)
@@ -658,6 +654,12 @@ class ProcessGroup:
             os.waitpid(child.pid, 0)
             child.sock.close()
             raise
+        return child
+
+    def _start_child(self, slot: int) -> None:
+        """Forks the child for slot and waits until it listens.  It joins the
+        table only then, so that nothing else reads its socket before."""
+        child = self._new_child(slot)
         with self._io:
             self._children[slot] = child
             if self._stop_level:
