@@ -14,13 +14,15 @@ otherwise, for a clear skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from conftest import Child, subprocess_env
 
@@ -98,3 +100,24 @@ class Network:
                 except (OSError, ValueError):
                     pass
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+
+
+@contextlib.contextmanager
+def balancer_network(backends: List[str]) -> Iterator[Network]:
+    """A client (198.18.1.2), a balancer (198.18.1.1 towards it) and each
+    backend k (198.18.k+2.2, the balancer 198.18.k+2.1 towards it); skips
+    without namespaces, fails without HAProxy (.ci/run installs it)."""
+    import pytest
+    why = Network.available()
+    if why:
+        pytest.skip(f"no network namespaces here: {why}")
+    if shutil.which("haproxy") is None:
+        pytest.fail("haproxy is not installed (.ci/run installs Debian's package)")
+    with Network() as net:
+        for role in ("cli", "lb", *backends):
+            net.add(role)
+        net.link("cli", "198.18.1.2", "lb", "198.18.1.1")
+        for k, role in enumerate(backends):
+            net.link("lb", f"198.18.{k + 2}.1", role, f"198.18.{k + 2}.2")
+        yield net
+

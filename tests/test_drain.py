@@ -29,12 +29,7 @@ def ask_health(spec: str) -> "bytes | str":
     """What one health check hears: the line, 'refused' or 'reset'."""
     try:
         with socket.create_connection(_hostport(spec), timeout=5) as s:
-            data = b""
-            while True:
-                chunk = s.recv(64)
-                if not chunk:
-                    return data
-                data += chunk
+            return read_to_eof(s)
     except ConnectionRefusedError:
         return "refused"
     except ConnectionResetError:
